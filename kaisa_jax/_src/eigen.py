@@ -1,0 +1,104 @@
+"""Eigen: decompose the Kronecker factors and precondition layer gradients.
+
+For a layer with gradient matrix ∇ (g_size, a_size):
+* eigen: ``A = QA diag(dA) QAᵀ``, ``G = QG diag(dG) QGᵀ`` (eigenvalues clamped
+  at 0), ``P = QG [(QGᵀ ∇ QA) / (dG dAᵀ + damping)] QAᵀ``;
+* inverse: ``P = (G + damping I)⁻¹ ∇ (A + damping I)⁻¹``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Union
+
+import jax
+import jax.numpy as jnp
+import jax.scipy.linalg as jsl
+
+from kaisa_jax._src import factors as factors_lib
+
+
+class Eigen(NamedTuple):
+  """Eigenbases and eigenvalues; damping is added when preconditioning.
+
+  Shapes: a_eigvecs (a, a), g_eigvecs (g, g), a_eigvals (a,), g_eigvals (g,).
+  """
+  a_eigvecs: jax.Array
+  g_eigvecs: jax.Array
+  a_eigvals: jax.Array
+  g_eigvals: jax.Array
+
+
+class EigenOuter(NamedTuple):
+  """Eigenbases and ``1 / (dG dAᵀ + damping)`` formed at decomposition time.
+
+  Shapes: a_eigvecs (a, a), g_eigvecs (g, g), inv_eigval_outer (g, a).
+  """
+  a_eigvecs: jax.Array
+  g_eigvecs: jax.Array
+  inv_eigval_outer: jax.Array
+
+
+class Inverse(NamedTuple):
+  """Damped inverses: a_inv (a, a) = (A + damping I)⁻¹, g_inv (g, g)."""
+  a_inv: jax.Array
+  g_inv: jax.Array
+
+
+Decomposition = Union[Eigen, EigenOuter, Inverse]
+COMPUTE_METHODS = ("eigen", "inverse")
+
+
+def _eigh(factor: jax.Array, dtype):
+  vals, vecs = jnp.linalg.eigh(factor.astype(dtype))
+  # float32 eigh gives small negative eigenvalues on rank-deficient factors.
+  return jnp.maximum(vals, 0), vecs
+
+
+def _damped_inverse(factor: jax.Array, damping, dtype) -> jax.Array:
+  m = factor.astype(dtype)
+  eye = jnp.eye(m.shape[0], dtype=dtype)
+  return jsl.cho_solve(jsl.cho_factor(m + damping * eye, lower=True), eye)
+
+
+def decompose(f: factors_lib.LayerFactors, damping, method: str, outer: bool,
+              dtype) -> Decomposition:
+  """Decomposes one layer's factors in ``dtype`` (``inv_dtype``)."""
+  if method == "inverse":
+    return Inverse(_damped_inverse(f.a_factor, damping, dtype),
+                   _damped_inverse(f.g_factor, damping, dtype))
+  a_vals, a_vecs = _eigh(f.a_factor, dtype)
+  g_vals, g_vecs = _eigh(f.g_factor, dtype)
+  if outer:
+    return EigenOuter(a_vecs, g_vecs, 1 / (jnp.outer(g_vals, a_vals) + damping))
+  return Eigen(a_vecs, g_vecs, a_vals, g_vals)
+
+
+def identity_decomposition(a_size: int, g_size: int, damping, method: str,
+                           outer: bool, dtype) -> Decomposition:
+  """The decomposition of identity factors, written down without any solve."""
+  eye_a, eye_g = jnp.eye(a_size, dtype=dtype), jnp.eye(g_size, dtype=dtype)
+  if method == "inverse":
+    return Inverse(eye_a / (1 + damping), eye_g / (1 + damping))
+  if outer:
+    return EigenOuter(eye_a, eye_g, jnp.full((g_size, a_size), 1 / (1 + damping), dtype))
+  return Eigen(eye_a, eye_g, jnp.ones(a_size, dtype), jnp.ones(g_size, dtype))
+
+
+def keep_if_finite(new: Decomposition, old: Decomposition):
+  """``(new, False)`` when every entry of ``new`` is finite, else ``(old, True)``."""
+  ok = factors_lib.all_finite(new)
+  kept = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+  return kept, jnp.logical_not(ok)
+
+
+def precondition(d: Decomposition, grad: jax.Array, damping) -> jax.Array:
+  """The preconditioned gradient matrix, (g, a) in, (g, a) out, in d's dtype."""
+  grad = grad.astype(jax.tree.leaves(d)[0].dtype)
+  if isinstance(d, Inverse):
+    return d.g_inv @ grad @ d.a_inv
+  v = d.g_eigvecs.T @ grad @ d.a_eigvecs
+  if isinstance(d, EigenOuter):
+    v = v * d.inv_eigval_outer
+  else:
+    v = v / (jnp.outer(d.g_eigvals, d.a_eigvals) + damping)
+  return d.g_eigvecs @ v @ d.a_eigvecs.T
