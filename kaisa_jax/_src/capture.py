@@ -13,8 +13,10 @@ import collections
 from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
+from flax.core import tracers
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kaisa_jax._src import layers as layers_lib
 
@@ -30,7 +32,46 @@ class LayerCapture(NamedTuple):
   out_grads: tuple
 
 
-def _layer_name(module: nn.Module) -> str:
+class _ParamIndex:
+  """Finds a layer's kernel and bias in the params pytree the loss was given.
+
+  A layer is named after where its kernel lives in ``params`` (not after its
+  Flax scope, which two models applied in one loss share): the kernel leaf is
+  recognised by identity, or, when the loss re-wraps the parameters (e.g.
+  ``nn.remat``), by its scope path.
+  """
+
+  def __init__(self, params):
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    self._by_id = {id(leaf): path for path, leaf in flat}
+    self._by_path = {path: leaf for path, leaf in flat}
+
+  def _by_scope(self, module: nn.Module, name: str, like):
+    if like is None:
+      return None
+    scope = tuple(jax.tree_util.DictKey(p) for p in module.scope.path)
+    for prefix in ((), (jax.tree_util.DictKey("params"),)):
+      path = prefix + scope + (jax.tree_util.DictKey(name),)
+      leaf = self._by_path.get(path)
+      if leaf is not None and tuple(leaf.shape) == tuple(like.shape):
+        return path
+    return None
+
+  def locate(self, module: nn.Module):
+    """(name, kernel_path, bias_path, kernel) of the module's call, or None."""
+    kernel = module.scope.get_variable("params", "kernel")
+    bias = module.scope.get_variable("params", "bias")
+    kernel_path = self._by_id.get(id(kernel)) or self._by_scope(module, "kernel", kernel)
+    bias_path = None
+    if bias is not None:
+      bias_path = self._by_id.get(id(bias)) or self._by_scope(module, "bias", bias)
+    if kernel_path is None or (bias is not None and bias_path is None):
+      return None
+    name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in kernel_path[:-1])
+    return name, kernel_path, bias_path, kernel
+
+
+def _scope_name(module: nn.Module) -> str:
   return "/".join(str(p) for p in module.scope.path)
 
 
@@ -45,6 +86,13 @@ def _is_layer_call(context) -> bool:
           and layers_lib.kind_of(context.module) is not None)
 
 
+_NESTED_REASON = "called inside a JAX transform (nn.remat, nn.scan, nn.vmap, jax.checkpoint)"
+
+
+def _is_abstract(leaf) -> bool:
+  return isinstance(leaf, (jax.Array, np.ndarray, jax.ShapeDtypeStruct))
+
+
 def find_layers(loss_fn: Callable[..., Any], params: Any, *args,
                 **kwargs) -> layers_lib.LayerRegistry:
   """Finds the Flax layers that ``loss_fn`` calls, by tracing it once abstractly.
@@ -55,12 +103,15 @@ def find_layers(loss_fn: Callable[..., Any], params: Any, *args,
     params: the parameter pytree ``loss_fn`` takes (arrays or
       ``jax.ShapeDtypeStruct``); every registered layer's kernel must be a leaf
       of it.
-    *args, **kwargs: example arguments (only shapes and dtypes are used).
+    *args, **kwargs: example arguments; only the shapes and dtypes of their
+      arrays are used (``jax.ShapeDtypeStruct`` works too), other values
+      (flags, strings) are passed as they are.
 
   Returns:
     A static, hashable ``LayerRegistry``; ``print`` shows a table of layer
-    path, kind, A size and G size. A ``flax.linen.Dense`` with input (B, 64),
-    64 -> 32 with bias, has A size 65 and G size 32.
+    name, kind, A size and G size. A layer is named after the path of its
+    kernel in ``params`` without the leaf, e.g. 'encoder/Dense_0'. A
+    ``flax.linen.Dense`` 64 -> 32 with bias has A size 65 and G size 32.
 
   Example:
     >>> layers = kaisa_jax.find_layers(loss_fn, params, x, y)
@@ -68,47 +119,53 @@ def find_layers(loss_fn: Callable[..., Any], params: Any, *args,
 
   Raises:
     ValueError: when a layer's kernel is not a leaf of ``params`` (e.g. the
-      loss transforms the parameters before applying the model).
+      loss rebuilds the parameters before applying the model).
   """
   found: dict[str, layers_lib.Layer] = {}
   skipped: dict[str, layers_lib.Skipped] = {}
   errors: list[str] = []
+  leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
+  dynamic = [i for i, leaf in enumerate(leaves) if _is_abstract(leaf)]
 
-  def traced(params):
-    by_id = {id(leaf): path for path, leaf in
-             jax.tree_util.tree_flatten_with_path(params)[0]}
+  def traced(params, dynamic_leaves):
+    call_leaves = list(leaves)
+    for i, leaf in zip(dynamic, dynamic_leaves):
+      call_leaves[i] = leaf
+    call_args, call_kwargs = jax.tree_util.tree_unflatten(treedef, call_leaves)
+    index = _ParamIndex(params)
+    loss_trace = tracers.current_trace()
 
-    def interceptor(next_fun, call_args, call_kwargs, context):
+    def interceptor(next_fun, fn_args, fn_kwargs, context):
       if not _is_layer_call(context):
-        return next_fun(*call_args, **call_kwargs)
+        return next_fun(*fn_args, **fn_kwargs)
       module = context.module
-      inputs = _call_input(call_args, call_kwargs)
-      outputs = next_fun(*call_args, **call_kwargs)
-      name = _layer_name(module)
-      if name in found or name in skipped:
-        return outputs  # a shared module: later calls add rows, not layers
-      kind = layers_lib.kind_of(module)
-      kernel = module.scope.get_variable("params", "kernel")
-      bias = module.scope.get_variable("params", "bias")
-      kernel_path = by_id.get(id(kernel))
-      bias_path = None if bias is None else by_id.get(id(bias))
-      if kernel_path is None or (bias is not None and bias_path is None):
+      if tracers.current_trace() != loss_trace:
+        name = _scope_name(module)
+        skipped.setdefault(name, layers_lib.Skipped(name, type(module).__name__, _NESTED_REASON))
+        return next_fun(*fn_args, **fn_kwargs)
+      inputs = _call_input(fn_args, fn_kwargs)
+      outputs = next_fun(*fn_args, **fn_kwargs)
+      located = index.locate(module)
+      if located is None:
         errors.append(
-            f"layer {name!r}: its parameters are not leaves of the params "
-            "passed to find_layers (does the loss transform or rebuild them?). "
+            f"layer {_scope_name(module)!r}: its parameters are not leaves of "
+            "the params passed to find_layers (does the loss rebuild them?). "
             "Pass the exact pytree the loss hands to model.apply.")
         return outputs
+      name, kernel_path, bias_path, kernel = located
+      if name in found or name in skipped:
+        return outputs  # a shared module: later calls add rows, not layers
       try:
-        found[name] = kind.from_call(module, name, kernel_path, bias_path,
-                                     tuple(kernel.shape), inputs, outputs)
+        found[name] = layers_lib.kind_of(module).from_call(
+            module, name, kernel_path, bias_path, tuple(kernel.shape), inputs, outputs)
       except layers_lib.UnsupportedLayer as e:
         skipped[name] = layers_lib.Skipped(name, type(module).__name__, str(e))
       return outputs
 
     with nn.intercept_methods(interceptor):
-      return loss_fn(params, *args, **kwargs)
+      return loss_fn(params, *call_args, **call_kwargs)
 
-  jax.eval_shape(traced, params)
+  jax.eval_shape(traced, params, [leaves[i] for i in dynamic])
   if errors:
     raise ValueError("\n".join(errors))
   if not found and not skipped:
@@ -116,6 +173,13 @@ def find_layers(loss_fn: Callable[..., Any], params: Any, *args,
         "find_layers: loss_fn calls no flax.linen Dense or Conv layer; "
         "K-FAC has nothing to precondition.")
   return layers_lib.LayerRegistry(tuple(found.values()), tuple(skipped.values()))
+
+
+def _capture_name(index: _ParamIndex, module: nn.Module) -> str:
+  located = index.locate(module)
+  # An unlocatable layer cannot be in a registry; its scope name makes the
+  # mismatch visible when the captures are checked.
+  return _scope_name(module) if located is None else located[0]
 
 
 def value_and_grad(loss_fn: Callable[..., Any], has_aux: bool = False):
@@ -147,14 +211,17 @@ def value_and_grad(loss_fn: Callable[..., Any], has_aux: bool = False):
     # Pass 1 (abstract, free at run time): the output shape of every call.
     out_shapes: dict[str, list] = collections.defaultdict(list)
 
-    def shape_interceptor(next_fun, call_args, call_kwargs, context):
-      outputs = next_fun(*call_args, **call_kwargs)
-      if _is_layer_call(context):
-        out_shapes[_layer_name(context.module)].append(
-            jax.ShapeDtypeStruct(outputs.shape, outputs.dtype))
-      return outputs
-
     def shape_pass(params):
+      index = _ParamIndex(params)
+      loss_trace = tracers.current_trace()
+
+      def shape_interceptor(next_fun, call_args, call_kwargs, context):
+        outputs = next_fun(*call_args, **call_kwargs)
+        if _is_layer_call(context) and tracers.current_trace() == loss_trace:
+          out_shapes[_capture_name(index, context.module)].append(
+              jax.ShapeDtypeStruct(outputs.shape, outputs.dtype))
+        return outputs
+
       with nn.intercept_methods(shape_interceptor):
         return loss_fn(params, *args, **kwargs)
 
@@ -165,19 +232,22 @@ def value_and_grad(loss_fn: Callable[..., Any], has_aux: bool = False):
     # Pass 2: the loss as a function of the params and the probes.
     def probed_loss(params, probes):
       inputs: dict[str, list] = collections.defaultdict(list)
+      index = _ParamIndex(params)
+      loss_trace = tracers.current_trace()
 
       def interceptor(next_fun, call_args, call_kwargs, context):
-        if not _is_layer_call(context):
+        # Inside a nested transform the recorded input would leak its trace.
+        if not _is_layer_call(context) or tracers.current_trace() != loss_trace:
           return next_fun(*call_args, **call_kwargs)
-        name = _layer_name(context.module)
-        index = len(inputs[name])
+        name = _capture_name(index, context.module)
+        call = len(inputs[name])
         inputs[name].append(_call_input(call_args, call_kwargs))
         outputs = next_fun(*call_args, **call_kwargs)
-        if name not in probes or index >= len(probes[name]):
+        if name not in probes or call >= len(probes[name]):
           raise ValueError(
               f"layer {name!r} was called more often than in the shape pass; "
               "the loss function must call its layers deterministically.")
-        return outputs + probes[name][index]
+        return outputs + probes[name][call]
 
       with nn.intercept_methods(interceptor):
         out = loss_fn(params, *args, **kwargs)

@@ -17,6 +17,7 @@ Adding a layer kind means adding one class here and listing it in
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from typing import Any, Optional, Sequence
 
@@ -218,22 +219,43 @@ class Conv(Layer):
     return layer
 
   def _patches(self, inputs: jax.Array) -> jax.Array:
-    """(batch..., *spatial, C) -> (N, *out_spatial, C * prod(kernel_size))."""
+    """(batch..., *spatial, C) -> (N, *out_spatial, C * prod(kernel_size)).
+
+    Built from strided slices of the padded input, one per kernel position:
+    pure data movement, where ``lax.conv_general_dilated_patches`` would run
+    a convolution with an identity kernel costing C·k/out times the layer's
+    own forward pass.
+    """
     n = len(self.kernel_size)
-    x = inputs.reshape((-1,) + inputs.shape[-n - 1:])
-    if self.circular:
-      x = jnp.pad(x, ((0, 0),) + self.padding + ((0, 0),), mode="wrap")
-      padding = "VALID"
-    else:
-      padding = self.padding
-    spatial = "DHW"[-n:] if n <= 3 else None
-    if spatial is None:
+    if n > 3:
       raise ValueError(f"layer {self.name!r}: convolutions with more than 3 spatial dims are not supported.")
-    dimension_numbers = ("N" + spatial + "C", spatial + "IO", "N" + spatial + "C")
-    return lax.conv_general_dilated_patches(
-        x, self.kernel_size, self.strides, padding,
-        lhs_dilation=self.input_dilation, rhs_dilation=self.kernel_dilation,
-        dimension_numbers=dimension_numbers)
+    x = inputs.reshape((-1,) + inputs.shape[-n - 1:])
+    cropping = not isinstance(self.padding, str) and any(
+        p < 0 for pair in self.padding for p in pair)
+    if cropping or any(d != 1 for d in self.input_dilation):
+      spatial = "DHW"[-n:]
+      return lax.conv_general_dilated_patches(
+          x, self.kernel_size, self.strides, self.padding,
+          lhs_dilation=self.input_dilation, rhs_dilation=self.kernel_dilation,
+          dimension_numbers=("N" + spatial + "C", spatial + "IO", "N" + spatial + "C"))
+    dilated = tuple((k - 1) * d + 1 for k, d in zip(self.kernel_size, self.kernel_dilation))
+    if isinstance(self.padding, str):
+      pads = lax.padtype_to_pads(x.shape[1:-1], dilated, self.strides, self.padding)
+    else:
+      pads = self.padding
+    x = jnp.pad(x, ((0, 0),) + tuple(pads) + ((0, 0),),
+                mode="wrap" if self.circular else "constant")
+    out = tuple((size - w) // s + 1
+                for size, w, s in zip(x.shape[1:-1], dilated, self.strides))
+    windows = []
+    for offset in itertools.product(*(range(k) for k in self.kernel_size)):
+      start = tuple(o * d for o, d in zip(offset, self.kernel_dilation))
+      limit = tuple(b + (m - 1) * s + 1 for b, m, s in zip(start, out, self.strides))
+      windows.append(lax.slice(x, (0,) + start + (0,), (x.shape[0],) + limit + (x.shape[-1],),
+                               (1,) + self.strides + (1,)))
+    # (N, *out, C, K) -> channel-major (N, *out, C*K)
+    patches = jnp.stack(windows, axis=-1)
+    return patches.reshape(patches.shape[:-2] + (-1,))
 
   def a_stats(self, inputs: jax.Array, dtype) -> tuple[jax.Array, int]:
     patches = self._patches(inputs.astype(dtype))

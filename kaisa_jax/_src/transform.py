@@ -114,9 +114,9 @@ def _active_layers(layers: layers_lib.LayerRegistry,
   for s in layers.skipped:
     if not skipped(s.name):
       raise ValueError(
-          f"layer {s.name!r} ({s.module_type}) is a {s.reason}, which kaisa_jax "
-          f"does not support yet; pass skip_layers=({re.escape(s.name)!r},) to "
-          "leave it to the plain gradient.")
+          f"layer {s.name!r} ({s.module_type}) cannot be preconditioned yet: "
+          f"{s.reason}. Pass skip_layers=({re.escape(s.name)!r},) to leave it "
+          "to the plain gradient.")
   return tuple(l for l in layers.layers if not skipped(l.name))
 
 
@@ -174,8 +174,8 @@ def kaisa(
     eigenvalue_outer_product: bool = True,
     accumulation_steps: int = 1,
     skip_layers: Sequence[str] = (),
-    factor_dtype: Any = jnp.float32,
-    inv_dtype: Any = jnp.float32,
+    factor_dtype: Any = "float32",
+    inv_dtype: Any = "float32",
 ) -> optax.GradientTransformationExtraArgs:
   """K-FAC preconditioning (KAISA conventions) as an optax transformation.
 
@@ -207,18 +207,18 @@ def kaisa(
       that follows in ``optax.MultiSteps(opt, k, use_grad_mean=False)``.
     skip_layers: regular expressions; layers whose name matches one are left
       to the plain gradient.
-    factor_dtype: dtype the factors are computed and kept in (float32; may be
-      bfloat16 to save time, at a loss of precision).
-    inv_dtype: dtype of the decompositions and the preconditioning (float32;
-      float64 needs ``jax_enable_x64``).
+    factor_dtype: dtype (or its name) the factors are computed and kept in
+      ('float32'; 'bfloat16' saves time at a loss of precision).
+    inv_dtype: dtype (or its name) of the decompositions and the
+      preconditioning ('float32'; 'float64' needs ``jax_enable_x64``).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; its update is
     ``update(grads, state, params=None, *, captures)`` with the captures of
     ``kaisa_jax.value_and_grad``. Works under ``jax.jit``; with
     ``optax.inject_hyperparams`` put ``factor_update_steps``,
-    ``inv_update_steps``, ``accumulation_steps``, ``factor_dtype`` and
-    ``inv_dtype`` in ``static_args``.
+    ``inv_update_steps`` and ``accumulation_steps`` in ``static_args`` (and
+    dtypes, when given as dtype objects rather than names).
 
   Example:
     >>> layers = kaisa_jax.find_layers(loss_fn, params, x, y)

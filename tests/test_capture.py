@@ -1,0 +1,647 @@
+"""Tests for find_layers and value_and_grad (the layer captures)."""
+
+import flax.linen as nn
+import jax
+import jax.flatten_util
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.tree_util import DictKey
+
+import kaisa_jax
+
+
+def _assert_close(actual, expected, rtol=1e-5):
+  actual = np.asarray(actual, np.float64)
+  expected = np.asarray(expected, np.float64)
+  assert actual.shape == expected.shape
+  scale = max(np.abs(expected).max(), 1e-30)
+  np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * scale)
+
+
+def _random_params(module, *xs, seed=0, scale=0.5):
+  shapes = jax.eval_shape(module.init, jax.random.key(0), *xs)["params"]
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(
+      lambda s: jnp.asarray(rng.normal(size=s.shape) * scale, jnp.float32), shapes)
+
+
+def _leaf_at(tree, path):
+  leaves = dict(jax.tree_util.tree_flatten_with_path(tree)[0])
+  return leaves[path]
+
+
+# --------------------------------------------------------------------------
+# find_layers
+
+
+class _Block(nn.Module):
+  """Compact submodule."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(4, (3, 3))(x))
+    return nn.Dense(3, use_bias=False)(x)
+
+
+class _Net(nn.Module):
+  """Setup-style module holding a compact one."""
+
+  def setup(self):
+    self.stem = nn.Conv(2, (3, 3), use_bias=False)
+    self.block = _Block()
+    self.head = nn.Dense(5)
+
+  def __call__(self, x):
+    x = self.block(self.stem(x))
+    return self.head(x.reshape(x.shape[0], -1))
+
+
+_NET_X_SHAPE = (2, 4, 4, 3)
+_NET_EXPECTED = {
+    # name: (kind, params path, has bias, kernel shape)
+    "stem": ("conv", ("stem",), False, (3, 3, 3, 2)),
+    "block/Conv_0": ("conv", ("block", "Conv_0"), True, (3, 3, 2, 4)),
+    "block/Dense_0": ("dense", ("block", "Dense_0"), False, (4, 3)),
+    "head": ("dense", ("head",), True, (4 * 4 * 3, 5)),
+}
+
+
+def _net_loss(model):
+  return lambda p, x: jnp.mean(model.apply({"params": p}, x) ** 2)
+
+
+def test_find_layers_nested_setup_and_compact():
+  model = _Net()
+  x = jnp.ones(_NET_X_SHAPE)
+  params = _random_params(model, x)
+  registry = kaisa_jax.find_layers(_net_loss(model), params, x)
+  assert registry.names == tuple(_NET_EXPECTED)  # call order
+  assert registry.skipped == ()
+  for name, (kind, path, has_bias, kernel_shape) in _NET_EXPECTED.items():
+    layer = registry[name]
+    assert layer.kind == kind
+    assert layer.kernel_shape == kernel_shape
+    assert layer.kernel_path == tuple(DictKey(k) for k in path) + (DictKey("kernel"),)
+    assert _leaf_at(params, layer.kernel_path).shape == kernel_shape
+    assert layer.has_bias == has_bias
+    if has_bias:
+      assert layer.bias_path == tuple(DictKey(k) for k in path) + (DictKey("bias"),)
+      assert _leaf_at(params, layer.bias_path).shape == (kernel_shape[-1],)
+    else:
+      assert layer.bias_path is None
+
+
+def test_find_layers_with_wrapped_params():
+  model = _Net()
+  x = jnp.ones(_NET_X_SHAPE)
+  params = {"model": _random_params(model, x), "temperature": jnp.ones(())}
+
+  def loss_fn(p, x):
+    return jnp.mean(model.apply({"params": p["model"]}, x) ** 2) * p["temperature"]
+
+  registry = kaisa_jax.find_layers(loss_fn, params, x)
+  # Layers are named after where their kernel lives in the params pytree.
+  assert registry.names == tuple("model/" + name for name in _NET_EXPECTED)
+  for name, (_, path, has_bias, kernel_shape) in _NET_EXPECTED.items():
+    layer = registry["model/" + name]
+    expected = (DictKey("model"),) + tuple(DictKey(k) for k in path)
+    assert layer.kernel_path == expected + (DictKey("kernel"),)
+    assert _leaf_at(params, layer.kernel_path).shape == kernel_shape
+    if has_bias:
+      assert layer.bias_path == expected + (DictKey("bias"),)
+
+
+def test_find_layers_accepts_shape_struct_params():
+  model = _Net()
+  x = jnp.ones(_NET_X_SHAPE)
+  params = _random_params(model, x)
+  structs = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), params)
+  assert (kaisa_jax.find_layers(_net_loss(model), structs, x)
+          == kaisa_jax.find_layers(_net_loss(model), params, x))
+
+
+def test_find_layers_accepts_shape_struct_args():
+  # The docstring: "*args, **kwargs: example arguments (only shapes and dtypes
+  # are used)", so abstract example arguments should do.
+  model = _Net()
+  x = jnp.ones(_NET_X_SHAPE)
+  params = _random_params(model, x)
+  structs = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), params)
+  x_struct = jax.ShapeDtypeStruct(x.shape, x.dtype)
+  assert (kaisa_jax.find_layers(_net_loss(model), structs, x_struct)
+          == kaisa_jax.find_layers(_net_loss(model), params, x))
+
+
+def test_find_layers_rejects_rebuilt_params():
+  model = _Net()
+  x = jnp.ones(_NET_X_SHAPE)
+  # The loss builds the model's parameters from one flat vector: no kernel is
+  # a leaf of what find_layers is given, by identity or by path.
+  flat, unravel = jax.flatten_util.ravel_pytree(_random_params(model, x))
+
+  def loss_fn(p, x):
+    return jnp.mean(model.apply({"params": unravel(p["flat"])}, x) ** 2)
+
+  with pytest.raises(ValueError) as info:
+    kaisa_jax.find_layers(loss_fn, {"flat": flat}, x)
+  for name in _NET_EXPECTED:
+    assert repr(name) in str(info.value)
+
+
+def test_find_layers_rejects_a_loss_without_layers():
+  params = {"w": jnp.ones(3)}
+  with pytest.raises(ValueError):
+    kaisa_jax.find_layers(lambda p, x: jnp.sum(p["w"] * x), params, jnp.ones(3))
+
+
+def test_find_layers_passes_args_and_kwargs():
+  model = nn.Dense(2)
+  x = jnp.ones((3, 4))
+  params = _random_params(model, x)
+
+  def loss_fn(p, x, *, target):
+    return jnp.mean((model.apply({"params": p}, x) - target) ** 2)
+
+  registry = kaisa_jax.find_layers(loss_fn, params, x, target=jnp.zeros((3, 2)))
+  assert registry.names == ("",)  # a top-level module has the empty scope path
+  assert registry[""].kind == "dense"
+
+
+def test_find_layers_dense_called_with_keyword_input():
+  class KwNet(nn.Module):
+
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(3, name="d")(inputs=x)
+
+  model = KwNet()
+  x = jnp.ones((2, 4))
+  params = _random_params(model, x)
+  registry = kaisa_jax.find_layers(lambda p, x: jnp.sum(model.apply({"params": p}, x)),
+                                   params, x)
+  assert registry.names == ("d",)
+  assert (registry["d"].a_size, registry["d"].g_size) == (5, 3)
+
+
+def test_find_layers_registers_a_shared_module_once():
+  class Shared(nn.Module):
+
+    def setup(self):
+      self.d = nn.Dense(4)
+
+    def __call__(self, x):
+      return self.d(jnp.tanh(self.d(x)))
+
+  model = Shared()
+  x = jnp.ones((2, 4))
+  params = _random_params(model, x)
+  registry = kaisa_jax.find_layers(lambda p, x: jnp.sum(model.apply({"params": p}, x)),
+                                   params, x)
+  assert registry.names == ("d",)
+
+
+# --------------------------------------------------------------------------
+# value_and_grad on a two-layer MLP against numpy manual backprop
+
+
+class _MLP(nn.Module):
+
+  @nn.compact
+  def __call__(self, x):
+    h = jnp.tanh(nn.Dense(4)(x))
+    return nn.Dense(2)(h)
+
+
+def _mlp_problem():
+  model = _MLP()
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(5, 3)).astype(np.float32)
+  t = rng.normal(size=(5, 2)).astype(np.float32)
+  params = _random_params(model, jnp.asarray(x), seed=2)
+
+  def loss_fn(p, x, t):
+    z = model.apply({"params": p}, x)
+    return 0.5 * jnp.mean(jnp.sum((z - t) ** 2, axis=-1))
+
+  return model, params, x, t, loss_fn
+
+
+def _np_mlp(params, x, t):
+  """float64 forward and manual backprop: loss, grads, inputs and out_grads."""
+  w0 = np.asarray(params["Dense_0"]["kernel"], np.float64)
+  b0 = np.asarray(params["Dense_0"]["bias"], np.float64)
+  w1 = np.asarray(params["Dense_1"]["kernel"], np.float64)
+  b1 = np.asarray(params["Dense_1"]["bias"], np.float64)
+  x, t = np.asarray(x, np.float64), np.asarray(t, np.float64)
+  r = np.tanh(x @ w0 + b0)
+  z = r @ w1 + b1
+  loss = 0.5 * np.mean(np.sum((z - t) ** 2, axis=-1))
+  dz = (z - t) / x.shape[0]
+  dh = (dz @ w1.T) * (1 - r ** 2)
+  grads = {"Dense_0": {"kernel": x.T @ dh, "bias": dh.sum(0)},
+           "Dense_1": {"kernel": r.T @ dz, "bias": dz.sum(0)}}
+  captures = {"Dense_0": (x, dh), "Dense_1": (r, dz)}
+  return loss, grads, captures
+
+
+def _check_mlp(loss, grads, captures, params, x, t):
+  np_loss, np_grads, np_captures = _np_mlp(params, x, t)
+  _assert_close(loss, np_loss)
+  for name in ("Dense_0", "Dense_1"):
+    for leaf in ("kernel", "bias"):
+      _assert_close(grads[name][leaf], np_grads[name][leaf])
+  assert set(captures) == {"Dense_0", "Dense_1"}
+  for name, (inputs, out_grads) in np_captures.items():
+    capture = captures[name]
+    assert isinstance(capture, kaisa_jax.LayerCapture)
+    assert len(capture.inputs) == len(capture.out_grads) == 1
+    _assert_close(capture.inputs[0], inputs)
+    _assert_close(capture.out_grads[0], out_grads)
+
+
+def test_value_and_grad_matches_jax_and_numpy():
+  _, params, x, t, loss_fn = _mlp_problem()
+  loss, grads, captures = kaisa_jax.value_and_grad(loss_fn)(params, x, t)
+  ref_loss, ref_grads = jax.value_and_grad(loss_fn)(params, x, t)
+  _assert_close(loss, ref_loss, rtol=1e-6)
+  jax.tree.map(lambda a, b: _assert_close(a, b, rtol=1e-6), grads, ref_grads)
+  assert jax.tree.structure(grads) == jax.tree.structure(params)
+  _check_mlp(loss, grads, captures, params, x, t)
+
+
+def test_value_and_grad_under_jit():
+  _, params, x, t, loss_fn = _mlp_problem()
+  loss, grads, captures = jax.jit(kaisa_jax.value_and_grad(loss_fn))(params, x, t)
+  _check_mlp(loss, grads, captures, params, x, t)
+
+
+def test_value_and_grad_has_aux_and_kwargs():
+  model, params, x, t, _ = _mlp_problem()
+
+  def loss_fn(p, x, *, t):
+    z = model.apply({"params": p}, x)
+    return 0.5 * jnp.mean(jnp.sum((z - t) ** 2, axis=-1)), {"z": z}
+
+  (loss, aux), grads, captures = jax.jit(
+      kaisa_jax.value_and_grad(loss_fn, has_aux=True))(params, x, t=t)
+  _check_mlp(loss, grads, captures, params, x, t)
+  _assert_close(aux["z"], model.apply({"params": params}, x))
+
+
+def test_captures_of_a_dense_with_leading_axes():
+  # (B, T, d) inputs: captured as given, out_grads from jax.vjp of the rest of
+  # the network (here the loss applied to the layer output).
+  class Seq(nn.Module):
+
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(3, name="proj")(x)
+
+  model = Seq()
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(2, 4, 5)).astype(np.float32)
+  params = _random_params(model, jnp.asarray(x))
+  loss_of_output = lambda y: jnp.mean(jnp.sin(y) * y)
+  loss_fn = lambda p, x: loss_of_output(model.apply({"params": p}, x))
+  _, _, captures = kaisa_jax.value_and_grad(loss_fn)(params, x)
+  (inputs,), (out_grads,) = captures["proj"]
+  _assert_close(inputs, x)
+  y = model.apply({"params": params}, x)
+  _, vjp = jax.vjp(loss_of_output, y)
+  (expected,) = vjp(jnp.ones(()))
+  assert out_grads.shape == (2, 4, 3)
+  _assert_close(out_grads, expected)
+
+
+def test_captures_of_nested_layers_against_vjp():
+  # Every layer of the nested net: its input from a forward pass written out
+  # layer by layer, its output gradient as the vjp of the rest of the network.
+  model = _Net()
+  rng = np.random.default_rng(4)
+  x = rng.normal(size=_NET_X_SHAPE).astype(np.float32)
+  p = _random_params(model, jnp.asarray(x), seed=5)
+  loss, _, captures = kaisa_jax.value_and_grad(_net_loss(model))(p, x)
+  assert set(captures) == set(_NET_EXPECTED)
+
+  stem = lambda v: nn.Conv(2, (3, 3), use_bias=False).apply({"params": p["stem"]}, v)
+  conv0 = lambda v: nn.Conv(4, (3, 3)).apply({"params": p["block"]["Conv_0"]}, v)
+  dense0 = lambda v: nn.Dense(3, use_bias=False).apply({"params": p["block"]["Dense_0"]}, v)
+  head = lambda v: nn.Dense(5).apply({"params": p["head"]}, v)
+  flat = lambda v: v.reshape(v.shape[0], -1)
+  mse = lambda out: jnp.mean(out ** 2)
+
+  a_stem = jnp.asarray(x)
+  y_stem = stem(a_stem)
+  y_conv0 = conv0(y_stem)
+  a_dense0 = nn.relu(y_conv0)
+  y_dense0 = dense0(a_dense0)
+  a_head = flat(y_dense0)
+  y_head = head(a_head)
+  _assert_close(loss, mse(y_head))
+
+  expected = {
+      # name: (layer input, layer output, loss as a function of that output)
+      "stem": (a_stem, y_stem, lambda y: mse(head(flat(dense0(nn.relu(conv0(y))))))),
+      "block/Conv_0": (y_stem, y_conv0, lambda y: mse(head(flat(dense0(nn.relu(y)))))),
+      "block/Dense_0": (a_dense0, y_dense0, lambda y: mse(head(flat(y)))),
+      "head": (a_head, y_head, mse),
+  }
+  for name, (layer_in, layer_out, rest) in expected.items():
+    (inputs,), (out_grads,) = captures[name]
+    _assert_close(inputs, layer_in)
+    _, vjp = jax.vjp(rest, layer_out)
+    (out_grad,) = vjp(jnp.ones(()))
+    _assert_close(out_grads, out_grad)
+
+
+# --------------------------------------------------------------------------
+# Shared modules
+
+
+class _TwoInputs(nn.Module):
+
+  def setup(self):
+    self.d = nn.Dense(3)
+
+  def __call__(self, x1, x2):
+    return self.d(x1), self.d(x2)
+
+
+def test_shared_module_two_calls_different_batches():
+  model = _TwoInputs()
+  rng = np.random.default_rng(6)
+  x1 = rng.normal(size=(5, 4)).astype(np.float32)
+  x2 = rng.normal(size=(2, 4)).astype(np.float32)
+  t1 = rng.normal(size=(5, 3)).astype(np.float32)
+  t2 = rng.normal(size=(2, 3)).astype(np.float32)
+  params = _random_params(model, jnp.asarray(x1), jnp.asarray(x2), seed=7)
+
+  def loss_fn(p, x1, x2):
+    y1, y2 = model.apply({"params": p}, x1, x2)
+    return jnp.mean((y1 - t1) ** 2) + 0.5 * jnp.mean(jnp.abs(y2 - t2) ** 3)
+
+  _, grads, captures = kaisa_jax.value_and_grad(loss_fn)(params, x1, x2)
+  assert list(captures) == ["d"]
+  capture = captures["d"]
+  assert len(capture.inputs) == len(capture.out_grads) == 2
+
+  # numpy oracle for the per-call output gradients.
+  w = np.asarray(params["d"]["kernel"], np.float64)
+  b = np.asarray(params["d"]["bias"], np.float64)
+  y1 = x1.astype(np.float64) @ w + b
+  y2 = x2.astype(np.float64) @ w + b
+  e1, e2 = y1 - t1, y2 - t2
+  g1 = 2 * e1 / e1.size
+  g2 = 0.5 * 3 * e2 * np.abs(e2) / e2.size
+  _assert_close(capture.inputs[0], x1)
+  _assert_close(capture.inputs[1], x2)
+  _assert_close(capture.out_grads[0], g1)
+  _assert_close(capture.out_grads[1], g2)
+
+  # Σ_calls gᵢᵀ [aᵢ, 1] is the (out, in + 1) gradient matrix.
+  total = np.zeros((3, 5))
+  for a, g in zip(capture.inputs, capture.out_grads):
+    a = np.concatenate([np.asarray(a, np.float64), np.ones((a.shape[0], 1))], axis=1)
+    total += np.asarray(g, np.float64).T @ a
+  ref_grads = jax.grad(loss_fn)(params, x1, x2)
+  _assert_close(total[:, :-1], np.asarray(ref_grads["d"]["kernel"]).T)
+  _assert_close(total[:, -1], ref_grads["d"]["bias"])
+  jax.tree.map(lambda a, b: _assert_close(a, b, rtol=1e-6), grads, ref_grads)
+
+
+def test_shared_module_applied_to_its_own_output():
+  # z = D(tanh(D(x))): the calls are captured separately, not summed.
+  class Twice(nn.Module):
+
+    def setup(self):
+      self.d = nn.Dense(3)
+
+    def __call__(self, x):
+      return self.d(jnp.tanh(self.d(x)))
+
+  model = Twice()
+  rng = np.random.default_rng(8)
+  x = rng.normal(size=(4, 3)).astype(np.float32)
+  t = rng.normal(size=(4, 3)).astype(np.float32)
+  params = _random_params(model, jnp.asarray(x), seed=9)
+
+  def loss_fn(p, x):
+    return 0.5 * jnp.mean(jnp.sum((model.apply({"params": p}, x) - t) ** 2, axis=-1))
+
+  _, grads, captures = jax.jit(kaisa_jax.value_and_grad(loss_fn))(params, x)
+  w = np.asarray(params["d"]["kernel"], np.float64)
+  b = np.asarray(params["d"]["bias"], np.float64)
+  x64 = x.astype(np.float64)
+  r = np.tanh(x64 @ w + b)
+  z = r @ w + b
+  dz = (z - t) / x.shape[0]
+  dh = (dz @ w.T) * (1 - r ** 2)
+  capture = captures["d"]
+  assert len(capture.inputs) == 2
+  _assert_close(capture.inputs[0], x64)
+  _assert_close(capture.inputs[1], r)
+  _assert_close(capture.out_grads[0], dh)
+  _assert_close(capture.out_grads[1], dz)
+  _assert_close(grads["d"]["kernel"], x64.T @ dh + r.T @ dz)
+  _assert_close(grads["d"]["bias"], dh.sum(0) + dz.sum(0))
+
+
+def _np_valid_patches(x, k):
+  """Stride-1 VALID im2col for a k×k kernel, channel-major, explicit loops."""
+  n, h, w, c = x.shape
+  oh, ow = h - k + 1, w - k + 1
+  patches = np.zeros((n, oh, ow, c * k * k))
+  for i in range(oh):
+    for j in range(ow):
+      for ci in range(c):
+        for di in range(k):
+          for dj in range(k):
+            patches[:, i, j, ci * k * k + di * k + dj] = x[:, i + di, j + dj, ci]
+  return patches
+
+
+def test_shared_conv_per_call_products_sum_to_kernel_gradient():
+  class SharedConv(nn.Module):
+
+    def setup(self):
+      self.conv = nn.Conv(3, (2, 2), padding="VALID")
+
+    def __call__(self, x1, x2):
+      return self.conv(x1), self.conv(x2)
+
+  model = SharedConv()
+  rng = np.random.default_rng(10)
+  x1 = rng.normal(size=(2, 4, 4, 2)).astype(np.float32)
+  x2 = rng.normal(size=(3, 3, 5, 2)).astype(np.float32)
+  params = _random_params(model, jnp.asarray(x1), jnp.asarray(x2), seed=11)
+
+  def loss_fn(p, x1, x2):
+    y1, y2 = model.apply({"params": p}, x1, x2)
+    return jnp.mean(jnp.tanh(y1) ** 2) + jnp.mean(y2 ** 3)
+
+  _, grads, captures = kaisa_jax.value_and_grad(loss_fn)(params, x1, x2)
+  capture = captures["conv"]
+  assert len(capture.inputs) == 2
+  total = np.zeros((3, 2 * 4 + 1))
+  for x, g in zip(capture.inputs, capture.out_grads):
+    patches = _np_valid_patches(np.asarray(x, np.float64), 2)
+    a = patches.reshape(-1, patches.shape[-1])
+    a = np.concatenate([a, np.ones((a.shape[0], 1))], axis=1)
+    total += np.asarray(g, np.float64).reshape(-1, 3).T @ a
+  _assert_close(capture.inputs[0], x1)
+  _assert_close(capture.inputs[1], x2)
+  kernel_grad = np.asarray(grads["conv"]["kernel"], np.float64)  # (2, 2, C=2, O=3)
+  expected = np.zeros((3, 9))
+  for o in range(3):
+    for c in range(2):
+      for di in range(2):
+        for dj in range(2):
+          expected[o, c * 4 + di * 2 + dj] = kernel_grad[di, dj, c, o]
+  expected[:, -1] = np.asarray(grads["conv"]["bias"], np.float64)
+  _assert_close(total, expected)
+
+
+# --------------------------------------------------------------------------
+# Grouped convolutions
+
+
+class _GroupedNet(nn.Module):
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(4, (3, 3), feature_group_count=2, name="grouped")(x)
+    return nn.Dense(2, name="head")(x.reshape(x.shape[0], -1))
+
+
+def test_grouped_conv_is_skipped_and_must_be_listed():
+  model = _GroupedNet()
+  rng = np.random.default_rng(12)
+  x = rng.normal(size=(2, 3, 3, 4)).astype(np.float32)
+  params = _random_params(model, jnp.asarray(x), seed=13)
+  loss_fn = lambda p, x: jnp.mean(model.apply({"params": p}, x) ** 2)
+  registry = kaisa_jax.find_layers(loss_fn, params, x)
+  assert registry.names == ("head",)
+  assert [s.name for s in registry.skipped] == ["grouped"]
+  assert registry.skipped[0].module_type == "Conv"
+  assert "feature_group_count=2" in registry.skipped[0].reason
+
+  with pytest.raises(ValueError, match="skip_layers"):
+    kaisa_jax.kaisa(registry)
+
+  tx = kaisa_jax.kaisa(registry, skip_layers=("grouped",), kl_clip=None)
+  opt = optax.chain(tx, optax.sgd(1.0))
+  state = jax.jit(opt.init)(params)
+  assert set(state[0].factors) == {"head"}
+
+  @jax.jit
+  def step(params, state, x):
+    _, grads, captures = kaisa_jax.value_and_grad(loss_fn)(params, x)
+    assert "grouped" in captures  # captured, but left to the plain gradient
+    updates, _ = opt.update(grads, state, params, captures=captures)
+    return grads, updates
+
+  grads, updates = step(params, state, x)
+  # sgd(1.0) negates: the grouped conv's leaves are the plain gradient.
+  for leaf in ("kernel", "bias"):
+    np.testing.assert_array_equal(np.asarray(updates["grouped"][leaf]),
+                                  -np.asarray(grads["grouped"][leaf]))
+  # The head is preconditioned (factors no longer the identity), so it changes.
+  assert not np.allclose(np.asarray(updates["head"]["kernel"]),
+                         -np.asarray(grads["head"]["kernel"]))
+
+
+def test_masked_conv_is_skipped():
+  class Masked(nn.Module):
+
+    @nn.compact
+    def __call__(self, x):
+      x = nn.Conv(2, (3,), mask=jnp.ones((3, 2, 2)), name="masked")(x)
+      return nn.Dense(2, name="head")(x)
+
+  model = Masked()
+  x = jnp.ones((2, 5, 2))
+  params = _random_params(model, x)
+  registry = kaisa_jax.find_layers(
+      lambda p, x: jnp.sum(model.apply({"params": p}, x)), params, x)
+  assert registry.names == ("head",)
+  assert [(s.name, s.reason) for s in registry.skipped] == [("masked", "masked convolution")]
+
+
+# --------------------------------------------------------------------------
+# Several separately applied models in one loss
+
+
+def test_two_models_applied_in_one_loss_are_distinct_layers():
+  # An encoder and a decoder, each applied with its own params subtree: both
+  # have a layer at scope path "Dense_0", but they are different layers with
+  # different kernels. They must not be merged into one "shared" layer (that
+  # would pool the rows of two layers into one set of factors and leave the
+  # decoder unpreconditioned); a clear ValueError would also be acceptable.
+  class Encoder(nn.Module):
+
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(3)(x)
+
+  class Decoder(nn.Module):
+
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(2)(x)
+
+  enc, dec = Encoder(), Decoder()
+  x = jnp.ones((4, 3))
+  params = {"enc": _random_params(enc, x, seed=1), "dec": _random_params(dec, x, seed=2)}
+
+  def loss_fn(p, x):
+    h = jnp.tanh(enc.apply({"params": p["enc"]}, x))
+    return jnp.mean(dec.apply({"params": p["dec"]}, h) ** 2)
+
+  try:
+    registry = kaisa_jax.find_layers(loss_fn, params, x)
+  except ValueError:
+    return
+  kernel_paths = {layer.kernel_path for layer in registry}
+  assert kernel_paths == {
+      (DictKey("enc"), DictKey("Dense_0"), DictKey("kernel")),
+      (DictKey("dec"), DictKey("Dense_0"), DictKey("kernel")),
+  }
+
+
+class _RematNet(nn.Module):
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.remat(nn.Dense)(4)(x)
+    return nn.Dense(2)(jnp.tanh(x))
+
+
+def test_layer_inside_remat_is_listed_as_skipped_not_mis_captured():
+  model = _RematNet()
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(5, 3)), jnp.float32)
+  params = model.init(jax.random.key(0), x)["params"]
+
+  def loss_fn(p, x):
+    return jnp.mean(model.apply({"params": p}, x) ** 2)
+
+  registry = kaisa_jax.find_layers(loss_fn, params, x)
+  assert registry.names == ("Dense_0",)
+  assert [s.name for s in registry.skipped] == ["CheckpointDense_0"]
+  assert "remat" in registry.skipped[0].reason
+  assert "CheckpointDense_0" in str(registry)
+  with pytest.raises(ValueError, match="skip_layers"):
+    kaisa_jax.kaisa(registry)
+
+  loss, grads, captures = jax.jit(kaisa_jax.value_and_grad(loss_fn))(params, x)
+  assert set(captures) == {"Dense_0"}
+  # The layer outside remat is captured exactly: a_iᵀ g_i is its kernel gradient.
+  cap = captures["Dense_0"]
+  np.testing.assert_allclose(
+      np.asarray(cap.inputs[0], np.float64).T @ np.asarray(cap.out_grads[0], np.float64),
+      grads["Dense_0"]["kernel"], rtol=1e-5, atol=1e-7)
+  tx = kaisa_jax.kaisa(registry, skip_layers=("CheckpointDense_0",))
+  updates, _ = tx.update(grads, tx.init(params), params, captures=captures)
+  np.testing.assert_array_equal(updates["CheckpointDense_0"]["kernel"],
+                                grads["CheckpointDense_0"]["kernel"])
