@@ -278,16 +278,20 @@ class KfacOracle:
 # Assertions.
 
 
-def assert_close(actual, expected, rtol=2e-4, atol=0.0):
-  """Leaf by leaf: within ``rtol`` of ``expected``, relative to its largest
-  entry (plus ``atol``)."""
+def assert_close(actual, expected, rtol=1e-5, atol=0.0):
+  """Leaf by leaf: within ``rtol`` of ``expected``, relative to the leaf's
+  largest entry (plus ``atol``). A scalar leaf (the MLP's scale gradient, a
+  sum of cancelling float32 terms) is taken relative to the whole tree."""
   actual_leaves, actual_def = jax.tree.flatten(actual)
   expected_leaves, expected_def = jax.tree.flatten(expected)
   assert actual_def.num_leaves == expected_def.num_leaves, (actual_def, expected_def)
+  expected_leaves = [np.asarray(e, np.float64) for e in expected_leaves]
+  tree_max = max(np.max(np.abs(e)) for e in expected_leaves)
   for a, e in zip(actual_leaves, expected_leaves):
-    a, e = np.asarray(a, np.float64), np.asarray(e, np.float64)
+    a = np.asarray(a, np.float64)
     assert a.shape == e.shape
-    np.testing.assert_allclose(a, e, rtol=rtol, atol=rtol * np.max(np.abs(e)) + atol + 1e-30)
+    ref = np.max(np.abs(e)) if e.size > 1 else tree_max
+    np.testing.assert_allclose(a, e, rtol=rtol, atol=rtol * ref + atol + 1e-30)
 
 
 def trees_equal(a, b) -> bool:
@@ -310,7 +314,7 @@ def assert_all_zero(tree):
     np.testing.assert_array_equal(np.asarray(leaf), 0)
 
 
-def check_decomposition(d, snapshot, method, outer, rtol=2e-4):
+def check_decomposition(d, snapshot, method, outer, rtol=1e-5):
   """``d`` decomposes the factors (A, G) with the damping of ``snapshot``."""
   a, g, damping = snapshot
   if method == "inverse":
@@ -338,7 +342,7 @@ def without_identity(factors, weight):
                       factors)
 
 
-def check_factors(state_factors, oracle, rtol=2e-4):
+def check_factors(state_factors, oracle, rtol=1e-5):
   """The running factors match the oracle's, data part and identity part."""
   assert set(state_factors) == set(oracle.names)
   for n, (a, g) in oracle.factors.items():
@@ -370,7 +374,7 @@ def test_registry_of_the_test_mlp(mlp_layers):
                                           ("inverse", True)])
 def test_update_matches_oracle_over_steps(mlp_layers, method, outer):
   hp = dict(damping=0.03, factor_decay=0.6, factor_update_steps=2,
-            inv_update_steps=3, kl_clip=2e-3, learning_rate=0.1)
+            inv_update_steps=3, kl_clip=1.0, learning_rate=0.1)
   tx = kaisa_jax.kaisa(mlp_layers, compute_method=method,
                        eigenvalue_outer_product=outer, **hp)
   oracle = KfacOracle(compute_method=method, eigenvalue_outer_product=outer, **hp)
@@ -382,10 +386,12 @@ def test_update_matches_oracle_over_steps(mlp_layers, method, outer):
     check_decomposition(state.decompositions[n], oracle.decomposed[n], method, outer)
 
   rng = np.random.default_rng(2)
+  nus = []
   for t in range(7):
     x, y = mlp_batch(rng)
     grads, updates, new_state = step(params, state, x, y)
     expected = oracle.update(params, x, y)
+    nus.append(oracle.nu)
     assert_close(grads, oracle.grads)
     assert_close(updates, expected)
     assert int(new_state.step) == t + 1
@@ -395,10 +401,12 @@ def test_update_matches_oracle_over_steps(mlp_layers, method, outer):
     check_factors(new_state.factors, oracle)
     for n in MLP_LAYERS:
       check_decomposition(new_state.decompositions[n], oracle.decomposed[n], method, outer)
-    params = jax.tree.map(lambda p, u: p - 0.5 * u, params, updates)
+    params = jax.tree.map(lambda p, u: p - 0.1 * u, params, updates)
     state = new_state
   assert int(state.skipped_factor_updates) == 0
   assert int(state.rejected_decompositions) == 0
+  # The KL clip was active on some steps and not on others.
+  assert min(nus) < 0.8 and max(nus) == 1.0, nus
 
 
 # ---------------------------------------------------------------------------
@@ -428,6 +436,12 @@ def test_kl_clip_scales_every_registered_layer_by_nu(mlp_layers):
   # kl_clip=None never clips, however large the step.
   tx = kaisa_jax.kaisa(mlp_layers, kl_clip=None, damping=0.05, factor_decay=0.5,
                        learning_rate=1e3)
+  updates, _ = tx.update(grads, tx.init(params), params, captures=captures)
+  assert_close(updates, unclipped)
+
+  # A zero learning rate makes vg = 0: nu = 1, not a division by zero.
+  tx = kaisa_jax.kaisa(mlp_layers, kl_clip=1e-9, damping=0.05, factor_decay=0.5,
+                       learning_rate=0.0)
   updates, _ = tx.update(grads, tx.init(params), params, captures=captures)
   assert_close(updates, unclipped)
 
@@ -492,7 +506,7 @@ def test_chain_with_sgd_momentum_under_jit_follows_the_oracle(mlp_layers):
     p64 = jax.tree.map(lambda p, m: p - 0.1 * m, p64, momentum)
   moved = jax.tree.map(lambda p, s: np.asarray(p, np.float64) - s, params, start)
   expected = jax.tree.map(lambda p, s: p - s, p64, start)
-  assert_close(moved, expected, rtol=1e-3)
+  assert_close(moved, expected, rtol=1e-4)
   assert int(opt_state[0].step) == 6
 
 
@@ -508,7 +522,7 @@ def test_jit_and_eager_agree(mlp_layers):
   for name, step in (("eager", eager), ("jit", jitted)):
     p, s = params, opt.init(params)
     rng = np.random.default_rng(12)
-    for _ in range(3):
+    for _ in range(2):  # step 0 runs the due branches, step 1 the others
       p, s = step(p, s, *mlp_batch(rng))
     # Eigenvectors of near-degenerate factors are not unique, so compare what
     # they produce (params, momentum) and the factors, not the eigenbases.
@@ -615,11 +629,12 @@ def test_accumulation_emits_zeros_then_the_big_batch_update(mlp_layers):
 def test_accumulation_equals_one_big_batch(model):
   k, micro = 4, 8
   if model == "mlp":
-    loss, make_batch = mlp_loss, mlp_batch
+    loss, make_batch, steps = mlp_loss, mlp_batch, 5
     params = mlp_params(21)
   else:
-    loss, make_batch = conv_loss, conv_batch
-    params = CONV_MODEL.init(jax.random.key(21), conv_batch(np.random.default_rng(0))[0])["params"]
+    loss, make_batch, steps = conv_loss, conv_batch, 4
+    x0 = conv_batch(np.random.default_rng(0))[0]
+    params = jax.jit(CONV_MODEL.init)(jax.random.key(21), x0)["params"]
   rng = np.random.default_rng(22)
   layers = kaisa_jax.find_layers(loss, params, *make_batch(rng, micro))
   hp = dict(damping=0.01, factor_decay=0.7, factor_update_steps=2,
@@ -630,9 +645,9 @@ def test_accumulation_equals_one_big_batch(model):
       optax.MultiSteps(optax.sgd(0.1, momentum=0.9), k, use_grad_mean=False))
   big_step = jax.jit(train_step_fn(big_opt, loss))
   acc_step = jax.jit(train_step_fn(acc_opt, loss))
-  p_big, s_big = params, big_opt.init(params)
-  p_acc, s_acc = params, acc_opt.init(params)
-  for t in range(5):
+  p_big, s_big = params, jax.jit(big_opt.init)(params)
+  p_acc, s_acc = params, jax.jit(acc_opt.init)(params)
+  for t in range(steps):
     x, y = make_batch(rng, k * micro)
     p_big, s_big = big_step(p_big, s_big, x, y)
     for i in range(k):
@@ -649,6 +664,33 @@ def test_accumulation_equals_one_big_batch(model):
     weight = hp["factor_decay"] ** (t // 2 + 1)
     assert_close(without_identity(s_acc[0].factors, weight),
                  without_identity(s_big[0].factors, weight), rtol=1e-5, atol=1e-6 * weight)
+
+
+def test_accumulation_skips_a_nonfinite_micro_batch(mlp_layers):
+  k, micro = 2, 8
+  hp = dict(damping=0.02, factor_decay=0.6, kl_clip=None, learning_rate=0.1)
+  tx = kaisa_jax.kaisa(mlp_layers, accumulation_steps=k, **hp)
+  step = jitted_kfac_step(tx)
+  oracle = KfacOracle(**hp)
+  params = mlp_params(31)
+  state = tx.init(params)
+  rng = np.random.default_rng(32)
+  for t in range(3):
+    x, y = mlp_batch(rng, k * micro)
+    if t == 1:
+      x = x.at[micro + 2, 4].set(jnp.nan)  # in the second micro-batch
+    before = state
+    for i in range(k):
+      sl = slice(i * micro, (i + 1) * micro)
+      _, updates, state = step(params, state, x[sl], y[sl])
+    expected = oracle.update(params, x, y)
+    if t == 1:
+      assert_trees_identical(state.factors, before.factors)
+    else:
+      assert_close(updates, expected)
+    check_factors(state.factors, oracle)
+    assert int(state.skipped_factor_updates) == oracle.skipped == min(t, 1)
+  assert_all_zero(state.accumulation)
 
 
 # ---------------------------------------------------------------------------
@@ -733,7 +775,7 @@ def test_unsupported_layer_must_be_skipped():
   model = GroupedConvNet()
   x = jnp.ones((2, 4, 4, 2))
   y = jnp.zeros((2, N_OUT))
-  params = model.init(jax.random.key(0), x)["params"]
+  params = jax.jit(model.init)(jax.random.key(0), x)["params"]
   loss = lambda p, x, y: squared_error(model.apply({"params": p}, x), y)
   layers = kaisa_jax.find_layers(loss, params, x, y)
   assert [s.name for s in layers.skipped] == ["grouped"]
@@ -772,7 +814,8 @@ def test_nonfinite_factor_step_is_skipped(mlp_layers, poison):
     grads = dict(grads, scale=jnp.asarray(jnp.nan, jnp.float32))
   before = state
   _, state = tx.update(grads, state, params, captures=captures)
-  oracle.update(params, x, y, grads=grads)
+  with np.errstate(invalid="ignore"):  # inf - inf in the poisoned rows
+    oracle.update(params, x, y, grads=grads)
   assert oracle.skipped == 1
   assert int(state.skipped_factor_updates) == 1
   assert int(state.rejected_decompositions) == 0
