@@ -10,21 +10,7 @@ import pytest
 from jax.tree_util import DictKey
 
 import kaisa_jax
-
-
-def _assert_close(actual, expected, rtol=1e-5):
-  actual = np.asarray(actual, np.float64)
-  expected = np.asarray(expected, np.float64)
-  assert actual.shape == expected.shape
-  scale = max(np.abs(expected).max(), 1e-30)
-  np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * scale)
-
-
-def _random_params(module, *xs, seed=0, scale=0.5):
-  shapes = jax.eval_shape(module.init, jax.random.key(0), *xs)["params"]
-  rng = np.random.default_rng(seed)
-  return jax.tree.map(
-      lambda s: jnp.asarray(rng.normal(size=s.shape) * scale, jnp.float32), shapes)
+from oracles import assert_close, np_kernel_matrix, np_patches, random_params
 
 
 def _leaf_at(tree, path):
@@ -75,7 +61,7 @@ def _net_loss(model):
 def test_find_layers_nested_setup_and_compact():
   model = _Net()
   x = jnp.ones(_NET_X_SHAPE)
-  params = _random_params(model, x)
+  params = random_params(model, x)
   registry = kaisa_jax.find_layers(_net_loss(model), params, x)
   assert registry.names == tuple(_NET_EXPECTED)  # call order
   assert registry.skipped == ()
@@ -96,7 +82,7 @@ def test_find_layers_nested_setup_and_compact():
 def test_find_layers_with_wrapped_params():
   model = _Net()
   x = jnp.ones(_NET_X_SHAPE)
-  params = {"model": _random_params(model, x), "temperature": jnp.ones(())}
+  params = {"model": random_params(model, x), "temperature": jnp.ones(())}
 
   def loss_fn(p, x):
     return jnp.mean(model.apply({"params": p["model"]}, x) ** 2) * p["temperature"]
@@ -116,7 +102,7 @@ def test_find_layers_with_wrapped_params():
 def test_find_layers_accepts_shape_struct_params():
   model = _Net()
   x = jnp.ones(_NET_X_SHAPE)
-  params = _random_params(model, x)
+  params = random_params(model, x)
   structs = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), params)
   assert (kaisa_jax.find_layers(_net_loss(model), structs, x)
           == kaisa_jax.find_layers(_net_loss(model), params, x))
@@ -127,7 +113,7 @@ def test_find_layers_accepts_shape_struct_args():
   # are used)", so abstract example arguments should do.
   model = _Net()
   x = jnp.ones(_NET_X_SHAPE)
-  params = _random_params(model, x)
+  params = random_params(model, x)
   structs = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), params)
   x_struct = jax.ShapeDtypeStruct(x.shape, x.dtype)
   assert (kaisa_jax.find_layers(_net_loss(model), structs, x_struct)
@@ -139,7 +125,7 @@ def test_find_layers_rejects_rebuilt_params():
   x = jnp.ones(_NET_X_SHAPE)
   # The loss builds the model's parameters from one flat vector: no kernel is
   # a leaf of what find_layers is given, by identity or by path.
-  flat, unravel = jax.flatten_util.ravel_pytree(_random_params(model, x))
+  flat, unravel = jax.flatten_util.ravel_pytree(random_params(model, x))
 
   def loss_fn(p, x):
     return jnp.mean(model.apply({"params": unravel(p["flat"])}, x) ** 2)
@@ -159,7 +145,7 @@ def test_find_layers_rejects_a_loss_without_layers():
 def test_find_layers_passes_args_and_kwargs():
   model = nn.Dense(2)
   x = jnp.ones((3, 4))
-  params = _random_params(model, x)
+  params = random_params(model, x)
 
   def loss_fn(p, x, *, target):
     return jnp.mean((model.apply({"params": p}, x) - target) ** 2)
@@ -178,7 +164,7 @@ def test_find_layers_dense_called_with_keyword_input():
 
   model = KwNet()
   x = jnp.ones((2, 4))
-  params = _random_params(model, x)
+  params = random_params(model, x)
   registry = kaisa_jax.find_layers(lambda p, x: jnp.sum(model.apply({"params": p}, x)),
                                    params, x)
   assert registry.names == ("d",)
@@ -196,7 +182,7 @@ def test_find_layers_registers_a_shared_module_once():
 
   model = Shared()
   x = jnp.ones((2, 4))
-  params = _random_params(model, x)
+  params = random_params(model, x)
   registry = kaisa_jax.find_layers(lambda p, x: jnp.sum(model.apply({"params": p}, x)),
                                    params, x)
   assert registry.names == ("d",)
@@ -219,7 +205,7 @@ def _mlp_problem():
   rng = np.random.default_rng(1)
   x = rng.normal(size=(5, 3)).astype(np.float32)
   t = rng.normal(size=(5, 2)).astype(np.float32)
-  params = _random_params(model, jnp.asarray(x), seed=2)
+  params = random_params(model, jnp.asarray(x), seed=2)
 
   def loss_fn(p, x, t):
     z = model.apply({"params": p}, x)
@@ -248,25 +234,25 @@ def _np_mlp(params, x, t):
 
 def _check_mlp(loss, grads, captures, params, x, t):
   np_loss, np_grads, np_captures = _np_mlp(params, x, t)
-  _assert_close(loss, np_loss)
+  assert_close(loss, np_loss)
   for name in ("Dense_0", "Dense_1"):
     for leaf in ("kernel", "bias"):
-      _assert_close(grads[name][leaf], np_grads[name][leaf])
+      assert_close(grads[name][leaf], np_grads[name][leaf])
   assert set(captures) == {"Dense_0", "Dense_1"}
   for name, (inputs, out_grads) in np_captures.items():
     capture = captures[name]
     assert isinstance(capture, kaisa_jax.LayerCapture)
     assert len(capture.inputs) == len(capture.out_grads) == 1
-    _assert_close(capture.inputs[0], inputs)
-    _assert_close(capture.out_grads[0], out_grads)
+    assert_close(capture.inputs[0], inputs)
+    assert_close(capture.out_grads[0], out_grads)
 
 
 def test_value_and_grad_matches_jax_and_numpy():
   _, params, x, t, loss_fn = _mlp_problem()
   loss, grads, captures = kaisa_jax.value_and_grad(loss_fn)(params, x, t)
   ref_loss, ref_grads = jax.value_and_grad(loss_fn)(params, x, t)
-  _assert_close(loss, ref_loss, rtol=1e-6)
-  jax.tree.map(lambda a, b: _assert_close(a, b, rtol=1e-6), grads, ref_grads)
+  assert_close(loss, ref_loss, rtol=1e-6)
+  jax.tree.map(lambda a, b: assert_close(a, b, rtol=1e-6), grads, ref_grads)
   assert jax.tree.structure(grads) == jax.tree.structure(params)
   _check_mlp(loss, grads, captures, params, x, t)
 
@@ -287,7 +273,7 @@ def test_value_and_grad_has_aux_and_kwargs():
   (loss, aux), grads, captures = jax.jit(
       kaisa_jax.value_and_grad(loss_fn, has_aux=True))(params, x, t=t)
   _check_mlp(loss, grads, captures, params, x, t)
-  _assert_close(aux["z"], model.apply({"params": params}, x))
+  assert_close(aux["z"], model.apply({"params": params}, x))
 
 
 def test_captures_of_a_dense_with_leading_axes():
@@ -302,17 +288,17 @@ def test_captures_of_a_dense_with_leading_axes():
   model = Seq()
   rng = np.random.default_rng(3)
   x = rng.normal(size=(2, 4, 5)).astype(np.float32)
-  params = _random_params(model, jnp.asarray(x))
+  params = random_params(model, jnp.asarray(x))
   loss_of_output = lambda y: jnp.mean(jnp.sin(y) * y)
   loss_fn = lambda p, x: loss_of_output(model.apply({"params": p}, x))
   _, _, captures = kaisa_jax.value_and_grad(loss_fn)(params, x)
   (inputs,), (out_grads,) = captures["proj"]
-  _assert_close(inputs, x)
+  assert_close(inputs, x)
   y = model.apply({"params": params}, x)
   _, vjp = jax.vjp(loss_of_output, y)
   (expected,) = vjp(jnp.ones(()))
   assert out_grads.shape == (2, 4, 3)
-  _assert_close(out_grads, expected)
+  assert_close(out_grads, expected)
 
 
 def test_captures_of_nested_layers_against_vjp():
@@ -321,7 +307,7 @@ def test_captures_of_nested_layers_against_vjp():
   model = _Net()
   rng = np.random.default_rng(4)
   x = rng.normal(size=_NET_X_SHAPE).astype(np.float32)
-  p = _random_params(model, jnp.asarray(x), seed=5)
+  p = random_params(model, jnp.asarray(x), seed=5)
   loss, _, captures = kaisa_jax.value_and_grad(_net_loss(model))(p, x)
   assert set(captures) == set(_NET_EXPECTED)
 
@@ -339,7 +325,7 @@ def test_captures_of_nested_layers_against_vjp():
   y_dense0 = dense0(a_dense0)
   a_head = flat(y_dense0)
   y_head = head(a_head)
-  _assert_close(loss, mse(y_head))
+  assert_close(loss, mse(y_head))
 
   expected = {
       # name: (layer input, layer output, loss as a function of that output)
@@ -350,10 +336,10 @@ def test_captures_of_nested_layers_against_vjp():
   }
   for name, (layer_in, layer_out, rest) in expected.items():
     (inputs,), (out_grads,) = captures[name]
-    _assert_close(inputs, layer_in)
+    assert_close(inputs, layer_in)
     _, vjp = jax.vjp(rest, layer_out)
     (out_grad,) = vjp(jnp.ones(()))
-    _assert_close(out_grads, out_grad)
+    assert_close(out_grads, out_grad)
 
 
 # --------------------------------------------------------------------------
@@ -376,7 +362,7 @@ def test_shared_module_two_calls_different_batches():
   x2 = rng.normal(size=(2, 4)).astype(np.float32)
   t1 = rng.normal(size=(5, 3)).astype(np.float32)
   t2 = rng.normal(size=(2, 3)).astype(np.float32)
-  params = _random_params(model, jnp.asarray(x1), jnp.asarray(x2), seed=7)
+  params = random_params(model, jnp.asarray(x1), jnp.asarray(x2), seed=7)
 
   def loss_fn(p, x1, x2):
     y1, y2 = model.apply({"params": p}, x1, x2)
@@ -395,10 +381,10 @@ def test_shared_module_two_calls_different_batches():
   e1, e2 = y1 - t1, y2 - t2
   g1 = 2 * e1 / e1.size
   g2 = 0.5 * 3 * e2 * np.abs(e2) / e2.size
-  _assert_close(capture.inputs[0], x1)
-  _assert_close(capture.inputs[1], x2)
-  _assert_close(capture.out_grads[0], g1)
-  _assert_close(capture.out_grads[1], g2)
+  assert_close(capture.inputs[0], x1)
+  assert_close(capture.inputs[1], x2)
+  assert_close(capture.out_grads[0], g1)
+  assert_close(capture.out_grads[1], g2)
 
   # Σ_calls gᵢᵀ [aᵢ, 1] is the (out, in + 1) gradient matrix.
   total = np.zeros((3, 5))
@@ -406,9 +392,9 @@ def test_shared_module_two_calls_different_batches():
     a = np.concatenate([np.asarray(a, np.float64), np.ones((a.shape[0], 1))], axis=1)
     total += np.asarray(g, np.float64).T @ a
   ref_grads = jax.grad(loss_fn)(params, x1, x2)
-  _assert_close(total[:, :-1], np.asarray(ref_grads["d"]["kernel"]).T)
-  _assert_close(total[:, -1], ref_grads["d"]["bias"])
-  jax.tree.map(lambda a, b: _assert_close(a, b, rtol=1e-6), grads, ref_grads)
+  assert_close(total[:, :-1], np.asarray(ref_grads["d"]["kernel"]).T)
+  assert_close(total[:, -1], ref_grads["d"]["bias"])
+  jax.tree.map(lambda a, b: assert_close(a, b, rtol=1e-6), grads, ref_grads)
 
 
 def test_shared_module_applied_to_its_own_output():
@@ -425,7 +411,7 @@ def test_shared_module_applied_to_its_own_output():
   rng = np.random.default_rng(8)
   x = rng.normal(size=(4, 3)).astype(np.float32)
   t = rng.normal(size=(4, 3)).astype(np.float32)
-  params = _random_params(model, jnp.asarray(x), seed=9)
+  params = random_params(model, jnp.asarray(x), seed=9)
 
   def loss_fn(p, x):
     return 0.5 * jnp.mean(jnp.sum((model.apply({"params": p}, x) - t) ** 2, axis=-1))
@@ -440,26 +426,12 @@ def test_shared_module_applied_to_its_own_output():
   dh = (dz @ w.T) * (1 - r ** 2)
   capture = captures["d"]
   assert len(capture.inputs) == 2
-  _assert_close(capture.inputs[0], x64)
-  _assert_close(capture.inputs[1], r)
-  _assert_close(capture.out_grads[0], dh)
-  _assert_close(capture.out_grads[1], dz)
-  _assert_close(grads["d"]["kernel"], x64.T @ dh + r.T @ dz)
-  _assert_close(grads["d"]["bias"], dh.sum(0) + dz.sum(0))
-
-
-def _np_valid_patches(x, k):
-  """Stride-1 VALID im2col for a k×k kernel, channel-major, explicit loops."""
-  n, h, w, c = x.shape
-  oh, ow = h - k + 1, w - k + 1
-  patches = np.zeros((n, oh, ow, c * k * k))
-  for i in range(oh):
-    for j in range(ow):
-      for ci in range(c):
-        for di in range(k):
-          for dj in range(k):
-            patches[:, i, j, ci * k * k + di * k + dj] = x[:, i + di, j + dj, ci]
-  return patches
+  assert_close(capture.inputs[0], x64)
+  assert_close(capture.inputs[1], r)
+  assert_close(capture.out_grads[0], dh)
+  assert_close(capture.out_grads[1], dz)
+  assert_close(grads["d"]["kernel"], x64.T @ dh + r.T @ dz)
+  assert_close(grads["d"]["bias"], dh.sum(0) + dz.sum(0))
 
 
 def test_shared_conv_per_call_products_sum_to_kernel_gradient():
@@ -475,7 +447,7 @@ def test_shared_conv_per_call_products_sum_to_kernel_gradient():
   rng = np.random.default_rng(10)
   x1 = rng.normal(size=(2, 4, 4, 2)).astype(np.float32)
   x2 = rng.normal(size=(3, 3, 5, 2)).astype(np.float32)
-  params = _random_params(model, jnp.asarray(x1), jnp.asarray(x2), seed=11)
+  params = random_params(model, jnp.asarray(x1), jnp.asarray(x2), seed=11)
 
   def loss_fn(p, x1, x2):
     y1, y2 = model.apply({"params": p}, x1, x2)
@@ -486,21 +458,15 @@ def test_shared_conv_per_call_products_sum_to_kernel_gradient():
   assert len(capture.inputs) == 2
   total = np.zeros((3, 2 * 4 + 1))
   for x, g in zip(capture.inputs, capture.out_grads):
-    patches = _np_valid_patches(np.asarray(x, np.float64), 2)
+    patches = np_patches(x, (2, 2))
     a = patches.reshape(-1, patches.shape[-1])
     a = np.concatenate([a, np.ones((a.shape[0], 1))], axis=1)
     total += np.asarray(g, np.float64).reshape(-1, 3).T @ a
-  _assert_close(capture.inputs[0], x1)
-  _assert_close(capture.inputs[1], x2)
-  kernel_grad = np.asarray(grads["conv"]["kernel"], np.float64)  # (2, 2, C=2, O=3)
-  expected = np.zeros((3, 9))
-  for o in range(3):
-    for c in range(2):
-      for di in range(2):
-        for dj in range(2):
-          expected[o, c * 4 + di * 2 + dj] = kernel_grad[di, dj, c, o]
-  expected[:, -1] = np.asarray(grads["conv"]["bias"], np.float64)
-  _assert_close(total, expected)
+  assert_close(capture.inputs[0], x1)
+  assert_close(capture.inputs[1], x2)
+  # (2, 2, C=2, O=3) kernel gradient in the (O, C * 4 + 1) layout.
+  expected = np_kernel_matrix(grads["conv"]["kernel"], np.asarray(grads["conv"]["bias"]))
+  assert_close(total, expected)
 
 
 # --------------------------------------------------------------------------
@@ -519,7 +485,7 @@ def test_grouped_conv_is_skipped_and_must_be_listed():
   model = _GroupedNet()
   rng = np.random.default_rng(12)
   x = rng.normal(size=(2, 3, 3, 4)).astype(np.float32)
-  params = _random_params(model, jnp.asarray(x), seed=13)
+  params = random_params(model, jnp.asarray(x), seed=13)
   loss_fn = lambda p, x: jnp.mean(model.apply({"params": p}, x) ** 2)
   registry = kaisa_jax.find_layers(loss_fn, params, x)
   assert registry.names == ("head",)
@@ -562,7 +528,7 @@ def test_masked_conv_is_skipped():
 
   model = Masked()
   x = jnp.ones((2, 5, 2))
-  params = _random_params(model, x)
+  params = random_params(model, x)
   registry = kaisa_jax.find_layers(
       lambda p, x: jnp.sum(model.apply({"params": p}, x)), params, x)
   assert registry.names == ("head",)
@@ -593,7 +559,7 @@ def test_two_models_applied_in_one_loss_are_distinct_layers():
 
   enc, dec = Encoder(), Decoder()
   x = jnp.ones((4, 3))
-  params = {"enc": _random_params(enc, x, seed=1), "dec": _random_params(dec, x, seed=2)}
+  params = {"enc": random_params(enc, x, seed=1), "dec": random_params(dec, x, seed=2)}
 
   def loss_fn(p, x):
     h = jnp.tanh(enc.apply({"params": p["enc"]}, x))

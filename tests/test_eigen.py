@@ -9,27 +9,15 @@ import pytest
 import kaisa_jax
 from kaisa_jax._src import eigen as eigen_lib
 from kaisa_jax._src import factors as factors_lib
-
-
-def _assert_close(actual, expected, rtol):
-  actual = np.asarray(actual, np.float64)
-  expected = np.asarray(expected, np.float64)
-  assert actual.shape == expected.shape
-  scale = max(np.abs(expected).max(), 1e-30)
-  np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * scale)
+from oracles import (assert_close, np_damped_inverse, np_kernel_from_matrix,
+                     np_kernel_matrix, np_kron_solve, np_patches, np_same_pads,
+                     random_params)
 
 
 def _random_spd(rng, n, low, high):
   q, _ = np.linalg.qr(rng.normal(size=(n, n)))
   m = q @ np.diag(rng.uniform(low, high, size=n)) @ q.T
   return ((m + m.T) / 2).astype(np.float32)
-
-
-def _np_kron_solve(g, a, grad, damping):
-  """vec(P) = (G ⊗ A + γI)⁻¹ vec(∇), row-major vec; G ∇ Aᵀ is (G ⊗ A) vec(∇)."""
-  g, a, grad = (np.asarray(m, np.float64) for m in (g, a, grad))
-  big = np.kron(g, a) + damping * np.eye(g.shape[0] * a.shape[0])
-  return np.linalg.solve(big, grad.ravel()).reshape(grad.shape)
 
 
 def _np_eigen_precondition(g, a, grad, damping):
@@ -68,8 +56,8 @@ def test_eigen_precondition_matches_dense_kronecker_solve(outer, damping):
   assert isinstance(d, kaisa_jax.EigenOuter if outer else kaisa_jax.Eigen)
   p = eigen_lib.precondition(d, jnp.asarray(grad), damping)
   assert p.shape == grad.shape and p.dtype == jnp.float32
-  _assert_close(p, _np_kron_solve(g, a, grad, damping), rtol=1e-4)
-  _assert_close(p, _np_eigen_precondition(g, a, grad, damping), rtol=1e-4)
+  assert_close(p, np_kron_solve(g, a, grad, damping), rtol=1e-4)
+  assert_close(p, _np_eigen_precondition(g, a, grad, damping), rtol=1e-4)
 
 
 @pytest.mark.parametrize("outer", [True, False])
@@ -81,15 +69,15 @@ def test_eigen_decomposition_contents(outer):
   dg = np.linalg.eigvalsh(g.astype(np.float64))
   for vecs, vals, m in ((d.a_eigvecs, da, a), (d.g_eigvecs, dg, g)):
     q = np.asarray(vecs, np.float64)
-    _assert_close(q.T @ q, np.eye(q.shape[0]), rtol=1e-5)
+    assert_close(q.T @ q, np.eye(q.shape[0]), rtol=1e-5)
     # Ascending eigenvalues, in the order of the eigenvector columns.
-    _assert_close(q.T @ m.astype(np.float64) @ q, np.diag(vals), rtol=1e-5)
+    assert_close(q.T @ m.astype(np.float64) @ q, np.diag(vals), rtol=1e-5)
   if outer:
     assert d.inv_eigval_outer.shape == (g.shape[0], a.shape[0])
-    _assert_close(d.inv_eigval_outer, 1 / (np.outer(dg, da) + damping), rtol=1e-5)
+    assert_close(d.inv_eigval_outer, 1 / (np.outer(dg, da) + damping), rtol=1e-5)
   else:
-    _assert_close(d.a_eigvals, da, rtol=1e-5)
-    _assert_close(d.g_eigvals, dg, rtol=1e-5)
+    assert_close(d.a_eigvals, da, rtol=1e-5)
+    assert_close(d.g_eigvals, dg, rtol=1e-5)
 
 
 def test_eigen_damping_taken_at_the_right_time():
@@ -99,10 +87,10 @@ def test_eigen_damping_taken_at_the_right_time():
   f = _factors(a, g)
   plain = eigen_lib.decompose(f, decompose_damping, "eigen", False, jnp.float32)
   outer = eigen_lib.decompose(f, decompose_damping, "eigen", True, jnp.float32)
-  _assert_close(eigen_lib.precondition(plain, jnp.asarray(grad), precondition_damping),
-                _np_kron_solve(g, a, grad, precondition_damping), rtol=1e-4)
-  _assert_close(eigen_lib.precondition(outer, jnp.asarray(grad), precondition_damping),
-                _np_kron_solve(g, a, grad, decompose_damping), rtol=1e-4)
+  assert_close(eigen_lib.precondition(plain, jnp.asarray(grad), precondition_damping),
+               np_kron_solve(g, a, grad, precondition_damping), rtol=1e-4)
+  assert_close(eigen_lib.precondition(outer, jnp.asarray(grad), precondition_damping),
+               np_kron_solve(g, a, grad, decompose_damping), rtol=1e-4)
 
 
 @pytest.mark.parametrize("damping", [1e-3, 1e-2, 1e-1])
@@ -110,12 +98,10 @@ def test_inverse_precondition_matches_dense_kronecker_solve(damping):
   a, g, grad = _problem(3)
   d = eigen_lib.decompose(_factors(a, g), damping, "inverse", False, jnp.float32)
   assert isinstance(d, kaisa_jax.Inverse)
-  _assert_close(d.a_inv, np.linalg.inv(a.astype(np.float64) + damping * np.eye(a.shape[0])),
-                rtol=1e-5)
-  _assert_close(d.g_inv, np.linalg.inv(g.astype(np.float64) + damping * np.eye(g.shape[0])),
-                rtol=1e-5)
+  assert_close(d.a_inv, np_damped_inverse(a, damping), rtol=1e-5)
+  assert_close(d.g_inv, np_damped_inverse(g, damping), rtol=1e-5)
   p = eigen_lib.precondition(d, jnp.asarray(grad), damping)
-  _assert_close(p, _np_inverse_precondition(g, a, grad, damping), rtol=1e-4)
+  assert_close(p, _np_inverse_precondition(g, a, grad, damping), rtol=1e-4)
 
 
 def _with_spectrum(rng, eigvals):
@@ -141,14 +127,14 @@ def test_negative_eigenvalues_are_clamped(outer):
   else:
     assert np.all(np.asarray(d.a_eigvals) >= 0)
     assert np.all(np.asarray(d.g_eigvals) >= 0)
-    _assert_close(d.a_eigvals, np.maximum(np.linalg.eigvalsh(a.astype(np.float64)), 0),
-                  rtol=1e-5)
+    assert_close(d.a_eigvals, np.maximum(np.linalg.eigvalsh(a.astype(np.float64)), 0),
+                 rtol=1e-5)
   p = eigen_lib.precondition(d, jnp.asarray(grad), damping)
   # Oracle: the clamped (positive semi-definite part) factors, dense solve.
   clamp = lambda m: (lambda w, q: q @ np.diag(np.maximum(w, 0)) @ q.T)(
       *np.linalg.eigh(m.astype(np.float64)))
-  _assert_close(p, _np_kron_solve(clamp(g), clamp(a), grad, damping), rtol=1e-4)
-  _assert_close(p, _np_eigen_precondition(g, a, grad, damping), rtol=1e-4)
+  assert_close(p, np_kron_solve(clamp(g), clamp(a), grad, damping), rtol=1e-4)
+  assert_close(p, _np_eigen_precondition(g, a, grad, damping), rtol=1e-4)
 
 
 @pytest.mark.parametrize("outer", [True, False])
@@ -165,7 +151,7 @@ def test_rank_deficient_covariance(outer):
     assert np.all(np.asarray(d.a_eigvals) >= 0)
   p = eigen_lib.precondition(d, jnp.asarray(grad), damping)
   assert np.all(np.isfinite(np.asarray(p)))
-  _assert_close(p, _np_kron_solve(g, a, grad, damping), rtol=1e-4)
+  assert_close(p, np_kron_solve(g, a, grad, damping), rtol=1e-4)
 
 
 def test_identity_decompositions_in_initial_state():
@@ -194,10 +180,10 @@ def test_identity_decompositions_in_initial_state():
     p = eigen_lib.precondition(d, jnp.asarray(grad), damping)
     eye_a, eye_g = np.eye(5), np.eye(3)
     if method == "eigen":
-      expected = _np_kron_solve(eye_g, eye_a, grad, damping)
+      expected = np_kron_solve(eye_g, eye_a, grad, damping)
     else:
       expected = _np_inverse_precondition(eye_g, eye_a, grad, damping)
-    _assert_close(p, expected, rtol=1e-6)
+    assert_close(p, expected, rtol=1e-6)
 
 
 # --------------------------------------------------------------------------
@@ -216,44 +202,6 @@ class _ConvNet(nn.Module):
     return z * self.param("scale", nn.initializers.ones, (2,))
 
 
-def _np_same_patches(x, k):
-  """Stride-1 SAME im2col for an odd square kernel, channel-major, explicit loops."""
-  n, h, w, c = x.shape
-  p = k // 2
-  xp = np.zeros((n, h + 2 * p, w + 2 * p, c))
-  xp[:, p:p + h, p:p + w, :] = x
-  patches = np.zeros((n, h, w, c * k * k))
-  for i in range(h):
-    for j in range(w):
-      for ci in range(c):
-        for di in range(k):
-          for dj in range(k):
-            patches[:, i, j, ci * k * k + di * k + dj] = xp[:, i + di, j + dj, ci]
-  return patches
-
-
-def _np_conv_matrix(kernel):
-  kh, kw, c, o = kernel.shape
-  mat = np.zeros((o, c * kh * kw))
-  for oi in range(o):
-    for ci in range(c):
-      for di in range(kh):
-        for dj in range(kw):
-          mat[oi, ci * kh * kw + di * kw + dj] = kernel[di, dj, ci, oi]
-  return mat
-
-
-def _np_conv_kernel(mat, shape):
-  kh, kw, c, o = shape
-  kernel = np.zeros(shape)
-  for oi in range(o):
-    for ci in range(c):
-      for di in range(kh):
-        for dj in range(kw):
-          kernel[di, dj, ci, oi] = mat[oi, ci * kh * kw + di * kw + dj]
-  return kernel
-
-
 def _np_model(params, x, t, conv_bias):
   """Forward + manual backprop of 0.5 * mean_b |z - t|²: grads and factor rows."""
   f64 = lambda v: np.asarray(v, np.float64)
@@ -263,13 +211,13 @@ def _np_model(params, x, t, conv_bias):
   x = f64(x)
   n, hgt, wid, _ = x.shape
   positions = hgt * wid
-  patches = _np_same_patches(x, kc.shape[0]).reshape(n * positions, -1)
+  kernel_size = kc.shape[:2]
+  pads = np_same_pads((hgt, wid), kernel_size)
+  patches = np_patches(x, kernel_size, pads=pads).reshape(n * positions, -1)
   a_conv = patches
   if conv_bias:
     a_conv = np.concatenate([patches, np.ones((n * positions, 1))], axis=1)
-  w_conv = _np_conv_matrix(kc)
-  if conv_bias:
-    w_conv = np.concatenate([w_conv, f64(params["conv"]["bias"])[:, None]], axis=1)
+  w_conv = np_kernel_matrix(kc, f64(params["conv"]["bias"]) if conv_bias else None)
   h = a_conv @ w_conv.T  # (n * S, 3)
   r = np.tanh(h)
   r_flat = r.reshape(n, -1)  # (n, S * 3), the row-major flatten of (n, H, W, 3)
@@ -292,15 +240,6 @@ def _np_model(params, x, t, conv_bias):
   return grads, rows
 
 
-def _np_to_leaves(name, mat, kernel_shape, has_bias):
-  if name == "conv":
-    w = mat[:, :-1] if has_bias else mat
-    kernel = _np_conv_kernel(w, kernel_shape)
-  else:
-    kernel = mat[:, :-1].T
-  return kernel, (mat[:, -1] if has_bias else None)
-
-
 @pytest.mark.parametrize("method, outer, conv_bias, clip", [
     ("eigen", True, True, False),
     ("eigen", False, False, False),
@@ -313,9 +252,7 @@ def test_end_to_end_update(method, outer, conv_bias, clip):
   x_shape = (4, 5, 5, 2)
   batches = [(rng.normal(size=x_shape).astype(np.float32),
               rng.normal(size=(4, 2)).astype(np.float32)) for _ in range(2)]
-  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.ones(x_shape))["params"]
-  params = jax.tree.map(
-      lambda s: jnp.asarray(rng.normal(size=s.shape) * 0.3, jnp.float32), shapes)
+  params = random_params(model, jnp.ones(x_shape), seed=rng, scale=0.3)
   params["scale"] = params["scale"] + 1.0
 
   def loss_fn(p, x, t):
@@ -340,7 +277,7 @@ def test_end_to_end_update(method, outer, conv_bias, clip):
       running[name] = (decay * old_a + (1 - decay) * ba, decay * old_g + (1 - decay) * bg)
       fa, fg = running[name]
       if method == "eigen":
-        precond[name] = _np_kron_solve(fg, fa, grads[name], damping)
+        precond[name] = np_kron_solve(fg, fa, grads[name], damping)
       else:
         precond[name] = _np_inverse_precondition(fg, fa, grads[name], damping)
     vg = lr ** 2 * sum(np.sum(precond[n] * grads[n]) for n in precond)
@@ -364,21 +301,21 @@ def test_end_to_end_update(method, outer, conv_bias, clip):
     # The model oracle agrees with jax's gradients.
     for name in ("conv", "head"):
       layer = layers[name]
-      gk, gb = _np_to_leaves(name, np_grads[name], layer.kernel_shape, has_bias[name])
-      _assert_close(grads[name]["kernel"], gk, rtol=1e-5)
+      gk, gb = np_kernel_from_matrix(np_grads[name], layer.kernel_shape, has_bias[name])
+      assert_close(grads[name]["kernel"], gk, rtol=1e-5)
       if has_bias[name]:
-        _assert_close(grads[name]["bias"], gb, rtol=1e-5)
+        assert_close(grads[name]["bias"], gb, rtol=1e-5)
     nu = min(1.0, np.sqrt(kl_clip / vg)) if clip else 1.0
     for name in ("conv", "head"):
       layer = layers[name]
-      ek, eb = _np_to_leaves(name, nu * precond[name], layer.kernel_shape, has_bias[name])
-      _assert_close(updates[name]["kernel"], ek, rtol=1e-4)
+      ek, eb = np_kernel_from_matrix(nu * precond[name], layer.kernel_shape, has_bias[name])
+      assert_close(updates[name]["kernel"], ek, rtol=1e-4)
       if has_bias[name]:
-        _assert_close(updates[name]["bias"], eb, rtol=1e-4)
+        assert_close(updates[name]["bias"], eb, rtol=1e-4)
       else:
         assert "bias" not in updates[name]
     np.testing.assert_array_equal(np.asarray(updates["scale"]), np.asarray(grads["scale"]))
-    _assert_close(updates["scale"], np_grads["scale"], rtol=1e-5)
+    assert_close(updates["scale"], np_grads["scale"], rtol=1e-5)
   for name, (fa, fg) in running.items():
-    _assert_close(state.factors[name].a_factor, fa, rtol=1e-5)
-    _assert_close(state.factors[name].g_factor, fg, rtol=1e-5)
+    assert_close(state.factors[name].a_factor, fa, rtol=1e-5)
+    assert_close(state.factors[name].g_factor, fg, rtol=1e-5)

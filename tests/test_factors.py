@@ -10,25 +10,12 @@ import pytest
 
 import kaisa_jax
 from kaisa_jax._src import factors as factors_lib
-
-
-def _assert_close(actual, expected, rtol=1e-5):
-  actual = np.asarray(actual, np.float64)
-  expected = np.asarray(expected, np.float64)
-  assert actual.shape == expected.shape
-  scale = max(np.abs(expected).max(), 1e-30)
-  np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * scale)
-
-
-def _random_params(module, *xs, seed=0):
-  shapes = jax.eval_shape(module.init, jax.random.key(0), *xs)["params"]
-  rng = np.random.default_rng(seed)
-  return jax.tree.map(
-      lambda s: jnp.asarray(rng.normal(size=s.shape) * 0.5, jnp.float32), shapes)
+from oracles import (assert_close, np_kernel_matrix, np_patches, np_same_pads,
+                     random_params)
 
 
 def _single_layer(module, x):
-  params = _random_params(module, x)
+  params = random_params(module, x)
   loss_fn = lambda p, x: jnp.sum(module.apply({"params": p}, x))
   (layer,) = kaisa_jax.find_layers(loss_fn, params, x).layers
   return layer, params
@@ -36,68 +23,6 @@ def _single_layer(module, x):
 
 # --------------------------------------------------------------------------
 # numpy oracles
-
-
-def _np_kernel_matrix(kernel):
-  """(out, C * K) with entry [o, c * K + j] = kernel[pos_j, c, o]."""
-  kernel = np.asarray(kernel, np.float64)
-  spatial, c_in, c_out = kernel.shape[:-2], kernel.shape[-2], kernel.shape[-1]
-  k = int(np.prod(spatial))
-  mat = np.zeros((c_out, c_in * k))
-  for o in range(c_out):
-    for c in range(c_in):
-      for j, pos in enumerate(np.ndindex(*spatial)):
-        mat[o, c * k + j] = kernel[pos + (c, o)]
-  return mat
-
-
-def _np_same_pads(spatial, kernel_size, strides, dilation, lower=False):
-  """'SAME': ceil(size / stride) outputs, the odd pad at the end ('SAME_LOWER': start)."""
-  pads = []
-  for size, k, s, d in zip(spatial, kernel_size, strides, dilation):
-    eff = (k - 1) * d + 1
-    out = -(-size // s)
-    total = max((out - 1) * s + eff - size, 0)
-    small, large = total // 2, total - total // 2
-    pads.append((large, small) if lower else (small, large))
-  return pads
-
-
-def _np_patches(x, kernel_size, strides, pads, kernel_dilation, input_dilation,
-                circular=False):
-  """im2col with explicit loops: (N, *spatial, C) -> (N, *out, C * K), channel-major."""
-  x = np.asarray(x, np.float64)
-  n, spatial, c_in = x.shape[0], x.shape[1:-1], x.shape[-1]
-  # Input (lhs) dilation: input_dilation - 1 zeros between neighbours.
-  dil_shape = tuple((s - 1) * d + 1 for s, d in zip(spatial, input_dilation))
-  xd = np.zeros((n,) + dil_shape + (c_in,))
-  for idx in np.ndindex(*spatial):
-    dst = tuple(i * d for i, d in zip(idx, input_dilation))
-    xd[(slice(None),) + dst] = x[(slice(None),) + idx]
-  # Padding: zeros, or wrapping around for circular.
-  padded_shape = tuple(s + lo + hi for s, (lo, hi) in zip(dil_shape, pads))
-  xp = np.zeros((n,) + padded_shape + (c_in,))
-  for idx in np.ndindex(*padded_shape):
-    src, inside = [], True
-    for i, (lo, _), size in zip(idx, pads, dil_shape):
-      j = i - lo
-      if circular:
-        j %= size
-      elif not 0 <= j < size:
-        inside = False
-      src.append(j)
-    if inside:
-      xp[(slice(None),) + idx] = xd[(slice(None),) + tuple(src)]
-  eff = tuple((k - 1) * d + 1 for k, d in zip(kernel_size, kernel_dilation))
-  out = tuple((p - e) // s + 1 for p, e, s in zip(padded_shape, eff, strides))
-  k = int(np.prod(kernel_size))
-  patches = np.zeros((n,) + out + (c_in * k,))
-  for opos in np.ndindex(*out):
-    for j, kpos in enumerate(np.ndindex(*kernel_size)):
-      src = tuple(o * s + q * d for o, s, q, d in zip(opos, strides, kpos, kernel_dilation))
-      for c in range(c_in):
-        patches[(slice(None),) + opos + (c * k + j,)] = xp[(slice(None),) + src + (c,)]
-  return patches
 
 
 def _np_conv_rows(patches, out_grads, use_bias):
@@ -156,8 +81,8 @@ def test_dense_batch_factors(use_bias, x_shape):
   f = _batch_factors(layer, [x], [g])
   a, gg = _np_dense_rows(x, g, use_bias)
   assert a.shape[0] == math.prod(x_shape[:-1])  # every leading position is a row
-  _assert_close(f.a_factor, a.T @ a / a.shape[0])
-  _assert_close(f.g_factor, gg.T @ gg / gg.shape[0])
+  assert_close(f.a_factor, a.T @ a / a.shape[0])
+  assert_close(f.g_factor, gg.T @ gg / gg.shape[0])
   assert f.a_factor.shape == (layer.a_size, layer.a_size)
   assert f.g_factor.shape == (layer.g_size, layer.g_size)
   assert f.a_factor.dtype == jnp.float32
@@ -174,8 +99,8 @@ def test_dense_shared_module_pools_rows():
   layer, _ = _single_layer(module, jnp.asarray(x1))
   f = _batch_factors(layer, [x1, x2], [g1, g2])
   ea, eg = _np_pooled_factors([_np_dense_rows(x1, g1, True), _np_dense_rows(x2, g2, True)])
-  _assert_close(f.a_factor, ea)
-  _assert_close(f.g_factor, eg)
+  assert_close(f.a_factor, ea)
+  assert_close(f.g_factor, eg)
   _check_symmetric(f)
 
 
@@ -239,7 +164,7 @@ def _oracle_geometry(kwargs, x_shape):
   spatial = x_shape[-n - 1:-1]
   circular = False
   if padding in ("SAME", "SAME_LOWER"):
-    pads = _np_same_pads(spatial, kernel_size, strides, kdil, lower=padding == "SAME_LOWER")
+    pads = np_same_pads(spatial, kernel_size, strides, kdil, lower=padding == "SAME_LOWER")
   elif padding == "VALID":
     pads = [(0, 0)] * n
   elif padding == "CAUSAL":
@@ -268,20 +193,20 @@ def test_conv_batch_factors(name, kwargs, x_shape):
   kernel_size, strides, pads, kdil, idil, circular = _oracle_geometry(kwargs, x_shape)
   n = len(kernel_size)
   x_rows = x.reshape((-1,) + x_shape[-n - 1:])
-  patches = _np_patches(x_rows, kernel_size, strides, pads, kdil, idil, circular)
+  patches = np_patches(x_rows, kernel_size, strides, pads, kdil, idil, circular)
 
   # The oracle patches must reproduce the module's own output (checks the oracle geometry).
-  wmat = _np_kernel_matrix(params["kernel"])
+  wmat = np_kernel_matrix(params["kernel"])
   y_oracle = patches.reshape(-1, patches.shape[-1]) @ wmat.T
   if use_bias:
     y_oracle = y_oracle + np.asarray(params["bias"], np.float64)
-  _assert_close(y_oracle.reshape(y.shape), y, rtol=1e-5)
+  assert_close(y_oracle.reshape(y.shape), y, rtol=1e-5)
 
   g = rng.normal(size=y.shape).astype(np.float32)
   f = _batch_factors(layer, [x], [g])
   a, gg = _np_conv_rows(patches, g.reshape((-1,) + y.shape[-n - 1:]), use_bias)
-  _assert_close(f.a_factor, a.T @ a / a.shape[0])
-  _assert_close(f.g_factor, gg.T @ gg / gg.shape[0])
+  assert_close(f.a_factor, a.T @ a / a.shape[0])
+  assert_close(f.g_factor, gg.T @ gg / gg.shape[0])
   assert f.a_factor.shape == (layer.a_size, layer.a_size)
   assert f.g_factor.shape == (layer.g_size, layer.g_size)
   _check_symmetric(f)
@@ -300,12 +225,11 @@ def test_conv_shared_module_pools_rows():
   f = _batch_factors(layer, [x1, x2], [g1, g2])
   rows = []
   for x, g in ((x1, g1), (x2, g2)):
-    pads = _np_same_pads(x.shape[1:3], (3, 3), (1, 1), (1, 1))
-    patches = _np_patches(x, (3, 3), (1, 1), pads, (1, 1), (1, 1))
+    patches = np_patches(x, (3, 3), pads=np_same_pads(x.shape[1:3], (3, 3)))
     rows.append(_np_conv_rows(patches, g, True))
   ea, eg = _np_pooled_factors(rows)
-  _assert_close(f.a_factor, ea)
-  _assert_close(f.g_factor, eg)
+  assert_close(f.a_factor, ea)
+  assert_close(f.g_factor, eg)
   _check_symmetric(f)
 
 
@@ -341,7 +265,7 @@ def test_running_average_starts_from_identity(decay):
   rng = np.random.default_rng(4)
   batches = [(rng.normal(size=(8, 4)).astype(np.float32),
               rng.normal(size=(8, 2)).astype(np.float32)) for _ in range(2)]
-  params = _random_params(model, jnp.asarray(batches[0][0]), seed=5)
+  params = random_params(model, jnp.asarray(batches[0][0]), seed=5)
 
   def loss_fn(p, x, t):
     z = model.apply({"params": p}, x)
@@ -368,6 +292,6 @@ def test_running_average_starts_from_identity(decay):
       ba, bg = a.T @ a / a.shape[0], g.T @ g / g.shape[0]
       old_a, old_g = expected[name]
       expected[name] = (decay * old_a + (1 - decay) * ba, decay * old_g + (1 - decay) * bg)
-      _assert_close(state.factors[name].a_factor, expected[name][0])
-      _assert_close(state.factors[name].g_factor, expected[name][1])
+      assert_close(state.factors[name].a_factor, expected[name][0])
+      assert_close(state.factors[name].g_factor, expected[name][1])
   assert int(state.step) == 2

@@ -9,65 +9,30 @@ import numpy as np
 import pytest
 
 import kaisa_jax
-
-
-def _random_params(module, x, seed=0):
-  """Params with the module's structure, drawn in numpy (no init compile)."""
-  shapes = jax.eval_shape(module.init, jax.random.key(0), x)["params"]
-  rng = np.random.default_rng(seed)
-  return jax.tree.map(
-      lambda s: jnp.asarray(rng.normal(size=s.shape) * 0.5, jnp.float32), shapes)
+from oracles import np_kernel_from_matrix, np_kernel_matrix, np_patches, random_params
 
 
 def _registry(module, x):
-  params = _random_params(module, x)
+  params = random_params(module, x)
   loss_fn = lambda p, x: jnp.sum(module.apply({"params": p}, x))
   return kaisa_jax.find_layers(loss_fn, params, x), params
 
 
-def _np_matrix(kernel, bias):
-  """Oracle layout: entry [o, c * K + j] is kernel[pos_j, c, o], bias last."""
-  kernel = np.asarray(kernel, np.float64)
-  spatial, c_in, c_out = kernel.shape[:-2], kernel.shape[-2], kernel.shape[-1]
-  k = int(np.prod(spatial)) if spatial else 1
-  mat = np.zeros((c_out, c_in * k + (bias is not None)))
-  for o in range(c_out):
-    for c in range(c_in):
-      for j, pos in enumerate(np.ndindex(*spatial)):
-        mat[o, c * k + j] = kernel[pos + (c, o)]
-    if bias is not None:
-      mat[o, -1] = float(bias[o])
-  return mat
+def _check_grad_matrix_and_round_trip(layer, kernel, bias):
+  """grad_matrix matches the oracle layout; from_matrix takes it back to (kernel, bias)."""
+  mat = layer.grad_matrix(jnp.asarray(kernel), None if bias is None else jnp.asarray(bias))
+  expected = np_kernel_matrix(kernel, bias)
+  assert mat.shape == (layer.g_size, layer.a_size) == expected.shape
+  np.testing.assert_array_equal(np.asarray(mat, np.float64), expected)
 
-
-def _np_from_matrix(mat, kernel_shape, has_bias):
-  """Oracle inverse of ``_np_matrix``."""
-  mat = np.asarray(mat, np.float64)
-  spatial, c_in, c_out = kernel_shape[:-2], kernel_shape[-2], kernel_shape[-1]
-  k = int(np.prod(spatial)) if spatial else 1
-  kernel = np.zeros(kernel_shape)
-  for o in range(c_out):
-    for c in range(c_in):
-      for j, pos in enumerate(np.ndindex(*spatial)):
-        kernel[pos + (c, o)] = mat[o, c * k + j]
-  bias = mat[:, -1].copy() if has_bias else None
-  return kernel, bias
-
-
-def _np_valid_patches(x, kernel_size):
-  """im2col for a stride-1 VALID convolution, channel-major, explicit loops."""
-  x = np.asarray(x, np.float64)
-  n, spatial, c_in = x.shape[0], x.shape[1:-1], x.shape[-1]
-  out = tuple(s - k + 1 for s, k in zip(spatial, kernel_size))
-  k = int(np.prod(kernel_size))
-  patches = np.zeros((n,) + out + (c_in * k,))
-  for b in range(n):
-    for opos in np.ndindex(*out):
-      for j, kpos in enumerate(np.ndindex(*kernel_size)):
-        src = tuple(o + d for o, d in zip(opos, kpos))
-        for c in range(c_in):
-          patches[(b,) + opos + (c * k + j,)] = x[(b,) + src + (c,)]
-  return patches
+  # Round trip kernel -> matrix -> kernel.
+  k2, b2 = layer.from_matrix(mat)
+  np.testing.assert_array_equal(np.asarray(k2), kernel)
+  if bias is None:
+    assert b2 is None
+  else:
+    np.testing.assert_array_equal(np.asarray(b2), bias)
+  return expected
 
 
 DENSE_CASES = [
@@ -95,17 +60,7 @@ def test_dense_grad_matrix_layout_and_round_trip(case):
   kernel = rng.normal(size=(case["in_features"], case["features"])).astype(np.float32)
   bias = rng.normal(size=case["features"]).astype(np.float32) if case["use_bias"] else None
 
-  mat = layer.grad_matrix(jnp.asarray(kernel), None if bias is None else jnp.asarray(bias))
-  expected = _np_matrix(kernel, bias)
-  assert mat.shape == (layer.g_size, layer.a_size) == expected.shape
-  np.testing.assert_array_equal(np.asarray(mat, np.float64), expected)
-
-  k2, b2 = layer.from_matrix(mat)
-  np.testing.assert_array_equal(np.asarray(k2), kernel)
-  if bias is None:
-    assert b2 is None
-  else:
-    np.testing.assert_array_equal(np.asarray(b2), bias)
+  _check_grad_matrix_and_round_trip(layer, kernel, bias)
 
 
 @pytest.mark.parametrize("case", DENSE_CASES)
@@ -136,23 +91,12 @@ def test_conv_grad_matrix_layout_and_round_trip(case):
   kernel = rng.normal(size=kernel_shape).astype(np.float32)
   bias = rng.normal(size=case["features"]).astype(np.float32) if case["use_bias"] else None
 
-  mat = layer.grad_matrix(jnp.asarray(kernel), None if bias is None else jnp.asarray(bias))
-  expected = _np_matrix(kernel, bias)
-  assert mat.shape == (layer.g_size, layer.a_size) == expected.shape
-  np.testing.assert_array_equal(np.asarray(mat, np.float64), expected)
-
-  # Round trip kernel -> matrix -> kernel.
-  k2, b2 = layer.from_matrix(mat)
-  np.testing.assert_array_equal(np.asarray(k2), kernel)
-  if bias is None:
-    assert b2 is None
-  else:
-    np.testing.assert_array_equal(np.asarray(b2), bias)
+  expected = _check_grad_matrix_and_round_trip(layer, kernel, bias)
 
   # And matrix -> kernel -> matrix, from_matrix checked against the oracle.
   m = rng.normal(size=expected.shape).astype(np.float32)
   k3, b3 = layer.from_matrix(jnp.asarray(m))
-  ek, eb = _np_from_matrix(m, kernel_shape, case["use_bias"])
+  ek, eb = np_kernel_from_matrix(m, kernel_shape, case["use_bias"])
   np.testing.assert_array_equal(np.asarray(k3, np.float64), ek)
   if case["use_bias"]:
     np.testing.assert_array_equal(np.asarray(b3, np.float64), eb)
@@ -173,7 +117,7 @@ def test_conv_matrix_orientation_matches_forward(case):
   (layer,) = registry.layers
   y = np.asarray(module.apply({"params": params}, x), np.float64)
   mat = np.asarray(layer.grad_matrix(params["kernel"], params.get("bias")), np.float64)
-  patches = _np_valid_patches(x, case["kernel_size"])
+  patches = np_patches(x, case["kernel_size"])
   a = patches.reshape(-1, patches.shape[-1])
   if case["use_bias"]:
     a = np.concatenate([a, np.ones((a.shape[0], 1))], axis=1)
@@ -246,7 +190,7 @@ class _TwoLayer(nn.Module):
 def _two_layer_registry():
   model = _TwoLayer()
   x = jnp.ones((2, 5, 5, 2))
-  params = _random_params(model, x)
+  params = random_params(model, x)
   loss_fn = lambda p, x: jnp.mean(model.apply({"params": p}, x) ** 2)
   return kaisa_jax.find_layers(loss_fn, params, x)
 
@@ -274,7 +218,7 @@ def test_registry_table_lists_skipped_layers():
 
   model = Grouped()
   x = jnp.ones((1, 4, 4, 4))
-  params = _random_params(model, x)
+  params = random_params(model, x)
   registry = kaisa_jax.find_layers(
       lambda p, x: jnp.sum(model.apply({"params": p}, x)), params, x)
   text = str(registry)

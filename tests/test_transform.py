@@ -20,6 +20,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import kaisa_jax
+from oracles import np_damped_inverse, np_kron_solve
 
 N_IN, N_HIDDEN, N_OUT = 6, 5, 3
 BATCH = 16
@@ -198,16 +199,6 @@ def from_matrix(name, mat):
   return {"kernel": mat.T}
 
 
-def kronecker_solve(a, g, grad, damping):
-  """(G ⊗ A + γI)⁻¹ vec(∇), with the row-major vec of the (g, a) matrix ∇."""
-  big = np.kron(g, a) + damping * np.eye(g.shape[0] * a.shape[0])
-  return np.linalg.solve(big, grad.reshape(-1)).reshape(grad.shape)
-
-
-def damped_inverse(m, damping):
-  return np.linalg.inv(m + damping * np.eye(m.shape[0]))
-
-
 class KfacOracle:
   """Dense float64 K-FAC of the MLP, step by step, from the conventions."""
 
@@ -256,9 +247,9 @@ class KfacOracle:
       a, g, damping_then = self.decomposed[n]
       grad = to_matrix(grads, n)
       if self.method == "inverse":
-        precond[n] = damped_inverse(g, damping_then) @ grad @ damped_inverse(a, damping_then)
+        precond[n] = np_damped_inverse(g, damping_then) @ grad @ np_damped_inverse(a, damping_then)
       else:
-        precond[n] = kronecker_solve(a, g, grad, damping_then if self.outer else damping)
+        precond[n] = np_kron_solve(g, a, grad, damping_then if self.outer else damping)
 
     lr = hyper(self.learning_rate, t)
     self.vg = sum(np.sum(precond[n] * to_matrix(grads, n)) for n in self.names) * lr ** 2
@@ -319,8 +310,8 @@ def check_decomposition(d, snapshot, method, outer, rtol=1e-5):
   a, g, damping = snapshot
   if method == "inverse":
     assert isinstance(d, kaisa_jax.Inverse)
-    assert_close(d.a_inv, damped_inverse(a, damping), rtol)
-    assert_close(d.g_inv, damped_inverse(g, damping), rtol)
+    assert_close(d.a_inv, np_damped_inverse(a, damping), rtol)
+    assert_close(d.g_inv, np_damped_inverse(g, damping), rtol)
     return
   assert isinstance(d, kaisa_jax.EigenOuter if outer else kaisa_jax.Eigen)
   for vecs, f in ((d.a_eigvecs, a), (d.g_eigvecs, g)):
