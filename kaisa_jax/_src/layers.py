@@ -6,9 +6,10 @@ from a Flax module call by ``from_call``, and answers four questions:
 * ``a_stats(inputs)``: the unnormalised activation covariance of one call and
   its row count, so that several calls of a shared module add up;
 * ``g_stats(out_grads)``: the same for the output gradients;
-* ``grad_matrix(kernel, bias)``: the layer gradient as the (g_size, a_size)
-  matrix the Kronecker factors act on, the bias as the last column;
-* ``from_matrix(matrix)``: the inverse of ``grad_matrix``.
+* ``kernel_matrix(kernel)``: the kernel as the (g_size, a_size) matrix the
+  Kronecker factors act on (the base class appends the bias as the last
+  column in ``grad_matrix``);
+* ``kernel_from_matrix(matrix)``: the inverse of ``kernel_matrix``.
 
 Adding a layer kind means adding one class here and listing it in
 ``LAYER_KINDS``.
@@ -73,6 +74,27 @@ class Layer:
   def g_size(self) -> int:
     raise NotImplementedError
 
+  def kernel_matrix(self, kernel) -> jax.Array:
+    """The kernel as a (g_size, a_size - bias) matrix."""
+    raise NotImplementedError
+
+  def kernel_from_matrix(self, mat) -> jax.Array:
+    """The inverse of ``kernel_matrix``."""
+    raise NotImplementedError
+
+  def grad_matrix(self, kernel, bias) -> jax.Array:
+    """(g_size, a_size): the kernel matrix with the bias as the last column."""
+    mat = self.kernel_matrix(kernel)
+    if self.has_bias:
+      mat = jnp.concatenate([mat, bias[:, None]], axis=1)
+    return mat
+
+  def from_matrix(self, mat) -> tuple[jax.Array, Optional[jax.Array]]:
+    """(kernel, bias or None) from a (g_size, a_size) matrix."""
+    if self.has_bias:
+      return self.kernel_from_matrix(mat[:, :-1]), mat[:, -1]
+    return self.kernel_from_matrix(mat), None
+
 
 @dataclasses.dataclass(frozen=True)
 class Dense(Layer):
@@ -107,16 +129,11 @@ class Dense(Layer):
     g = out_grads.reshape(-1, out_grads.shape[-1]).astype(dtype)
     return g.T @ g, g.shape[0]
 
-  def grad_matrix(self, kernel, bias) -> jax.Array:
-    mat = kernel.T  # (out, in)
-    if self.has_bias:
-      mat = jnp.concatenate([mat, bias[:, None]], axis=1)
-    return mat
+  def kernel_matrix(self, kernel) -> jax.Array:
+    return kernel.T  # (in, out) -> (out, in)
 
-  def from_matrix(self, mat) -> tuple[jax.Array, Optional[jax.Array]]:
-    if self.has_bias:
-      return mat[:, :-1].T, mat[:, -1]
-    return mat.T, None
+  def kernel_from_matrix(self, mat) -> jax.Array:
+    return mat.T
 
 
 def _canonical_padding(padding: Any, kernel_size: Sequence[int],
@@ -271,24 +288,17 @@ class Conv(Layer):
     g = out_grads.reshape(-1, out_grads.shape[-1]).astype(dtype)
     return (g.T @ g) / (positions * positions), g.shape[0]
 
-  def grad_matrix(self, kernel, bias) -> jax.Array:
+  def kernel_matrix(self, kernel) -> jax.Array:
     n = len(self.kernel_size)
     # (*k, C, O) -> (O, C, *k) -> (O, C * prod(k)), channel-major like the patches.
     mat = jnp.transpose(kernel, (n + 1, n) + tuple(range(n)))
-    mat = mat.reshape(mat.shape[0], -1)
-    if self.has_bias:
-      mat = jnp.concatenate([mat, bias[:, None]], axis=1)
-    return mat
+    return mat.reshape(mat.shape[0], -1)
 
-  def from_matrix(self, mat) -> tuple[jax.Array, Optional[jax.Array]]:
+  def kernel_from_matrix(self, mat) -> jax.Array:
     n = len(self.kernel_size)
-    bias = None
-    if self.has_bias:
-      mat, bias = mat[:, :-1], mat[:, -1]
     out_ch, in_ch = self.kernel_shape[-1], self.kernel_shape[-2]
     kernel = mat.reshape((out_ch, in_ch) + self.kernel_size)
-    kernel = jnp.transpose(kernel, tuple(range(2, n + 2)) + (1, 0))
-    return kernel, bias
+    return jnp.transpose(kernel, tuple(range(2, n + 2)) + (1, 0))
 
 
 class UnsupportedLayer(Exception):
