@@ -16,9 +16,20 @@ within 1.15 x the floor. It also times a step that updates the factors but
 does not decompose (periods (1, 10**9)) against an Adam step; target for a
 conv model: at most 3 x.
 
-On CPU the absolute times mean little: read the ratios.
+On CPU the absolute times mean little: read the ratios. The optimizers are
+interleaved in rounds so that other processes slow them alike; the load
+average is printed. The LAPACK eigh runs on one OpenBLAS thread by default
+(--blas-threads; OpenBLAS's own pool collapses when the cores are shared).
+By default glibc is told to use one arena and no mmap for large blocks: XLA
+mallocs each execution's temporary buffer, and above glibc's mmap threshold
+(at most 32 MiB) every step would page-fault through fresh memory. That cost
+hits whichever program crosses the threshold first (Adam's CNN step at batch
+1024 is at 30.5 MiB) and has nothing to do with the optimizer's arithmetic;
+--default-malloc measures with glibc's defaults (page faults per step are in
+the JSON).
 
   python benchmarks/step_time.py
+  python benchmarks/step_time.py --default-malloc
   python benchmarks/step_time.py --models cnn --batch-sizes 256 --steps 100 --json out.json
 """
 
@@ -41,6 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import threadpoolctl  # a scikit-learn dependency
 from sklearn.datasets import load_digits
 
 import kaisa_jax
@@ -170,12 +182,11 @@ class Runner:
   """One optimizer on one model: its jitted step, its state and its timings."""
 
   def __init__(self, model, params, layers, periods, batches):
-    loss_fn = make_loss(model)
+    opt = make_optimizer(layers, periods)
     self.periods = periods
-    self.opt = make_optimizer(layers, periods)
-    self.step_fn = make_step(loss_fn, self.opt, periods is not None)
+    self.step_fn = make_step(make_loss(model), opt, periods is not None)
     self.params = jax.tree.map(jnp.copy, params)  # donated by the step
-    self.state = self.opt.init(self.params)
+    self.state = opt.init(self.params)
     self.batches = batches
     self.position = 0
     self.warmup = 0
@@ -306,8 +317,7 @@ def factor_step_lines(results: list) -> list[str]:
     for t in r["kaisa"]:
       if tuple(t["periods"]) != FACTOR_ONLY:
         continue
-      ratio = t["median_ms"] / r["adam"]["median_ms"]
-      t["factor_step_over_adam"] = ratio
+      ratio = t["median_ratio"]
       has_conv = any(l["kind"] == "conv" for l in r["layers"])
       verdict = ""
       if has_conv:
@@ -329,7 +339,6 @@ def blas_threads(limit: int) -> list[int]:
   processes) a 512 x 512 eigh goes from about 20 ms to 100-1000 ms. One
   thread is robust and costs little.
   """
-  import threadpoolctl  # a scikit-learn dependency
   jax.block_until_ready(jnp.linalg.eigh(jnp.eye(2)))  # loads the LAPACK
   if limit:
     threadpoolctl.threadpool_limits(limit, user_api="blas")
@@ -338,23 +347,28 @@ def blas_threads(limit: int) -> list[int]:
 
 
 def malloc_without_mmap() -> bool:
-  """glibc: serve every block from the heap and keep freed memory mapped.
+  """glibc: serve every block from one heap and keep freed memory mapped.
 
   XLA allocates each execution's temporary buffer with malloc. glibc maps
   blocks above its mmap threshold (at most 32 MiB) afresh and unmaps them on
   free, so every step then page-faults through its whole temporary buffer.
   """
-  libc = ctypes.CDLL("libc.so.6")
-  m_trim_threshold, m_mmap_max = -1, -4
-  return bool(libc.mallopt(m_mmap_max, 0) and libc.mallopt(m_trim_threshold, 2**30))
+  try:
+    libc = ctypes.CDLL("libc.so.6")
+  except OSError:  # not glibc: nothing to set
+    return False
+  m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8
+  # One arena: the per-thread arenas are mmapped heaps that shrink on free.
+  return bool(libc.mallopt(m_mmap_max, 0) and libc.mallopt(m_trim_threshold, 2**30)
+              and libc.mallopt(m_arena_max, 1))
 
 
 def environment(blas: list[int], malloc_no_mmap: bool) -> dict:
-  return {"malloc_no_mmap": malloc_no_mmap, "jax": jax.__version__, "flax": metadata.version("flax"),
+  return {"jax": jax.__version__, "flax": metadata.version("flax"),
           "optax": optax.__version__, "backend": jax.default_backend(),
           "devices": [str(d) for d in jax.devices()], "cpu_count": os.cpu_count(),
-          "blas_threads": blas, "python": platform.python_version(),
-          "machine": platform.machine()}
+          "blas_threads": blas, "malloc_no_mmap": malloc_no_mmap,
+          "python": platform.python_version(), "machine": platform.machine()}
 
 
 # ---------------------------------------------------------------- main
@@ -372,9 +386,9 @@ def parse_args(argv=None):
   parser.add_argument("--blas-threads", type=int, default=1,
                       help="OpenBLAS threads for the LAPACK eigh (default 1; 0: leave "
                            "as is, one per core)")
-  parser.add_argument("--malloc-no-mmap", action="store_true",
-                      help="glibc: no mmap for large blocks (avoids per-step page faults "
-                           "once a step's temporary buffer exceeds 32 MiB)")
+  parser.add_argument("--default-malloc", action="store_true",
+                      help="keep glibc's mmap of large blocks (per-step page faults once a "
+                           "step's temporary buffer exceeds 32 MiB)")
   parser.add_argument("--seed", type=int, default=0)
   return parser.parse_args(argv)
 
@@ -399,8 +413,7 @@ def main(argv=None):
   start = time.perf_counter()
   load_before = os.getloadavg()[0]
   blas = blas_threads(args.blas_threads)
-  if args.malloc_no_mmap and not malloc_without_mmap():
-    raise SystemExit("--malloc-no-mmap: mallopt failed (not glibc?)")
+  malloc_no_mmap = not args.default_malloc and malloc_without_mmap()
   if args.steps < 2 * TARGET_PERIODS[1]:
     print(f"note: --steps {args.steps} holds fewer than 2 decompositions at "
           f"periods {TARGET_PERIODS}; the amortized figure is less representative.")
@@ -415,7 +428,7 @@ def main(argv=None):
                                  periods_list))
       print(f"[{name} batch {batch}: {time.perf_counter() - t0:.0f} s]", flush=True)
   elapsed = time.perf_counter() - start
-  env = environment(blas, args.malloc_no_mmap)
+  env = environment(blas, malloc_no_mmap)
   load = (load_before, os.getloadavg()[0])
   report(results, args, env, load, elapsed)
   if args.json:

@@ -10,6 +10,7 @@ import pytest
 
 import kaisa_jax
 from kaisa_jax._src import factors as factors_lib
+from kaisa_jax._src import layers as layers_lib
 from oracles import (assert_close, np_kernel_matrix, np_patches, np_same_pads,
                      random_params)
 
@@ -183,6 +184,28 @@ def _oracle_geometry(kwargs, x_shape):
 @pytest.mark.parametrize("name, kwargs, x_shape", CONV_CASES, ids=[c[0] for c in CONV_CASES])
 def test_conv_batch_factors(name, kwargs, x_shape):
   del name
+  _check_conv_factors(kwargs, x_shape)
+
+
+CHUNKED_CASES = ["1d_circular_dilated_strided", "2d_same", "2d_no_bias_strided_valid",
+                 "2d_input_dilation_strided", "3d_same"]
+
+
+@pytest.mark.parametrize("name", CHUNKED_CASES)
+def test_conv_batch_factors_reduced_in_chunks(name, monkeypatch):
+  # 5 examples, 2 per chunk: three chunks, the last one padded with a zero example.
+  (kwargs, x_shape), = [(k, s) for n, k, s in CONV_CASES if n == name]
+  x_shape = (5,) + x_shape[1:]
+  module = nn.Conv(**kwargs)
+  x = jnp.zeros(x_shape, jnp.float32)
+  layer, params = _single_layer(module, x)
+  positions = math.prod(module.apply({"params": params}, x).shape[1:-1])
+  features = layer.a_size - int(layer.has_bias)
+  monkeypatch.setattr(layers_lib, "_PATCH_CHUNK_BYTES", 2 * positions * features * 4)
+  _check_conv_factors(kwargs, x_shape)
+
+
+def _check_conv_factors(kwargs, x_shape):
   module = nn.Conv(**kwargs)
   use_bias = kwargs.get("use_bias", True)
   rng = np.random.default_rng(2)

@@ -29,19 +29,25 @@ from jax import lax
 
 KeyPath = tuple  # a jax key path into the params pytree
 
+# Conv patches are reduced in chunks of about this many bytes (see Conv.a_stats).
+_PATCH_CHUNK_BYTES = 4 * 2**20
+
 
 def _block_covariance(x: jax.Array, with_ones: bool) -> jax.Array:
   """``aᵀa`` for ``a = [x, 1]`` (ones column only if ``with_ones``), no copy of x.
 
   x: (rows, n). Returns (n [+1], n [+1]).
   """
-  xtx = x.T @ x
+  return _with_ones_column(x.T @ x, jnp.sum(x, axis=0), x.shape[0], with_ones)
+
+
+def _with_ones_column(xtx, col_sums, rows: int, with_ones: bool) -> jax.Array:
+  """Borders ``xᵀx`` (n, n) with the column sums and the row count: ``[x, 1]ᵀ[x, 1]``."""
   if not with_ones:
     return xtx
-  col = jnp.sum(x, axis=0)
-  rows = jnp.asarray(x.shape[0], xtx.dtype)
-  top = jnp.concatenate([xtx, col[:, None]], axis=1)
-  bottom = jnp.concatenate([col, rows[None]])[None, :]
+  rows = jnp.asarray(rows, xtx.dtype)
+  top = jnp.concatenate([xtx, col_sums[:, None]], axis=1)
+  bottom = jnp.concatenate([col_sums, rows[None]])[None, :]
   return jnp.concatenate([top, bottom], axis=0)
 
 
@@ -275,12 +281,36 @@ class Conv(Layer):
     return patches.reshape(patches.shape[:-2] + (-1,))
 
   def a_stats(self, inputs: jax.Array, dtype) -> tuple[jax.Array, int]:
-    patches = self._patches(inputs.astype(dtype))
-    positions = math.prod(patches.shape[1:-1])  # S, output positions per example
-    a = patches.reshape(-1, patches.shape[-1])  # (N*S, C*k)
+    n = len(self.kernel_size)
+    x = inputs.reshape((-1,) + inputs.shape[-n - 1:]).astype(dtype)  # (N, *spatial, C)
+    patch_shape = jax.eval_shape(self._patches, x[:1]).shape  # (1, *out, C*k)
+    positions = math.prod(patch_shape[1:-1])  # S, output positions per example
+    features = patch_shape[-1]
+    # The patches are k times the input: built whole for a large batch they
+    # would be the step's largest buffer, so they are built and reduced a
+    # chunk of examples at a time (zero examples, padding the last chunk,
+    # have zero patches and add nothing).
+    examples = x.shape[0]
+    patch_bytes = examples * positions * features * x.dtype.itemsize
+    chunks = min(examples, -(-patch_bytes // _PATCH_CHUNK_BYTES))
+    per_chunk = -(-examples // chunks)  # even chunks: the least padding
+    chunks = -(-examples // per_chunk)
+
+    def reduce_chunk(sums, chunk):
+      a = self._patches(chunk).reshape(-1, features)  # (chunk*S, C*k)
+      return (sums[0] + a.T @ a, sums[1] + jnp.sum(a, axis=0)), None
+
+    zeros = (jnp.zeros((features, features), dtype), jnp.zeros((features,), dtype))
+    if chunks == 1:
+      (xtx, col_sums), _ = reduce_chunk(zeros, x)
+    else:
+      x = jnp.pad(x, ((0, chunks * per_chunk - examples),) + ((0, 0),) * (n + 1))
+      (xtx, col_sums), _ = lax.scan(reduce_chunk, zeros,
+                                    x.reshape((chunks, per_chunk) + x.shape[1:]))
+    rows = examples * positions
     # The reference divides the patches (and the ones column) by S.
-    cov = _block_covariance(a, self.has_bias) / (positions * positions)
-    return cov, a.shape[0]
+    cov = _with_ones_column(xtx, col_sums, rows, self.has_bias) / (positions * positions)
+    return cov, rows
 
   def g_stats(self, out_grads: jax.Array, dtype) -> tuple[jax.Array, int]:
     n = len(self.kernel_size)
