@@ -7,18 +7,23 @@ The public surface is three functions:
 * ``value_and_grad(loss_fn)``: ``jax.value_and_grad`` that also returns the
   layer captures K-FAC needs;
 * ``kaisa(layers, ...)``: the preconditioner, an optax transformation.
+
+Across devices, ``placement`` shows the static KAISA plan and
+``state_specs`` gives the shard_map specs of the optimizer state.
 """
 
 from kaisa_jax._src.capture import LayerCapture, find_layers, value_and_grad
 from kaisa_jax._src.eigen import Eigen, EigenOuter, Inverse
 from kaisa_jax._src.factors import LayerFactors
 from kaisa_jax._src.layers import LayerRegistry
-from kaisa_jax._src.transform import AccumulationState, KaisaState, kaisa
+from kaisa_jax._src.placement import LayerPlacement, Placement
+from kaisa_jax._src.transform import (AccumulationState, KaisaState, kaisa, placement,
+                                      state_specs)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "find_layers", "value_and_grad", "kaisa",
-    "LayerRegistry", "LayerCapture", "KaisaState", "AccumulationState",
+    "find_layers", "value_and_grad", "kaisa", "placement", "state_specs",
+    "Placement", "LayerPlacement", "LayerRegistry", "LayerCapture", "KaisaState", "AccumulationState",
     "LayerFactors", "Eigen", "EigenOuter", "Inverse",
 ]

@@ -34,7 +34,7 @@ MLP_LAYERS = {
 }
 INJECT_STATIC = ("layers", "factor_update_steps", "inv_update_steps",
                  "accumulation_steps", "factor_dtype", "inv_dtype",
-                 "compute_method", "skip_layers")
+                 "compute_method", "skip_layers", "grad_worker_frac")
 
 
 # ---------------------------------------------------------------------------

@@ -16,8 +16,10 @@ import flax.linen as nn
 from flax.core import tracers
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 
+from kaisa_jax._src import collectives
 from kaisa_jax._src import layers as layers_lib
 
 
@@ -219,14 +221,15 @@ def value_and_grad(loss_fn: Callable[..., Any], has_aux: bool = False):
         outputs = next_fun(*call_args, **call_kwargs)
         if _is_layer_call(context) and tracers.current_trace() == loss_trace:
           out_shapes[_capture_name(index, context.module)].append(
-              jax.ShapeDtypeStruct(outputs.shape, outputs.dtype))
+              (jax.ShapeDtypeStruct(outputs.shape, outputs.dtype),
+               tuple(sorted(collectives.varying_axes(outputs), key=str))))
         return outputs
 
       with nn.intercept_methods(shape_interceptor):
         return loss_fn(params, *args, **kwargs)
 
     jax.eval_shape(shape_pass, params)
-    probes = {name: tuple(jnp.zeros(s.shape, s.dtype) for s in shapes)
+    probes = {name: tuple(_zeros_varying_like(s, axes) for s, axes in shapes)
               for name, shapes in out_shapes.items()}
 
     # Pass 2: the loss as a function of the params and the probes.
@@ -262,3 +265,14 @@ def value_and_grad(loss_fn: Callable[..., Any], has_aux: bool = False):
     return value, grads, captures
 
   return wrapped
+
+
+def _zeros_varying_like(shape: jax.ShapeDtypeStruct, axes: tuple) -> jax.Array:
+  """A zero probe that varies along the same shard_map axes as the layer output.
+
+  A probe typed as replicated would have its gradient summed over the
+  devices by autodiff (shard_map's checked mode), where K-FAC needs each
+  device's own output gradients.
+  """
+  zeros = jnp.zeros(shape.shape, shape.dtype)
+  return lax.pcast(zeros, axes, to="varying") if axes else zeros

@@ -60,17 +60,55 @@ def _damped_inverse(factor: jax.Array, damping, dtype) -> jax.Array:
   return jsl.cho_solve(jsl.cho_factor(m + damping * eye, lower=True), eye)
 
 
-def decompose(f: factors_lib.LayerFactors, damping, method: str, outer: bool,
-              dtype) -> Decomposition:
-  """Decomposes one layer's factors in ``dtype`` (``inv_dtype``)."""
+def decompose_factor(factor: jax.Array, damping, method: str, dtype) -> tuple:
+  """One factor's share of a decomposition, in ``dtype``.
+
+  'eigen': (eigenvectors (n, n), eigenvalues (n,) clamped at 0); 'inverse':
+  ((factor + damping I)⁻¹,). What an inverse worker computes and sends.
+  """
   if method == "inverse":
-    return Inverse(_damped_inverse(f.a_factor, damping, dtype),
-                   _damped_inverse(f.g_factor, damping, dtype))
-  a_vals, a_vecs = _eigh(f.a_factor, dtype)
-  g_vals, g_vecs = _eigh(f.g_factor, dtype)
+    return (_damped_inverse(factor, damping, dtype),)
+  vals, vecs = _eigh(factor, dtype)
+  return vecs, vals
+
+
+def assemble(a_parts: tuple, g_parts: tuple, damping, method: str,
+             outer: bool) -> Decomposition:
+  """A layer's decomposition from its A and G shares (``decompose_factor``)."""
+  if method == "inverse":
+    return Inverse(a_parts[0], g_parts[0])
+  (a_vecs, a_vals), (g_vecs, g_vals) = a_parts, g_parts
   if outer:
     return EigenOuter(a_vecs, g_vecs, 1 / (jnp.outer(g_vals, a_vals) + damping))
   return Eigen(a_vecs, g_vecs, a_vals, g_vals)
+
+
+def decompose(f: factors_lib.LayerFactors, damping, method: str, outer: bool,
+              dtype) -> Decomposition:
+  """Decomposes one layer's factors in ``dtype`` (``inv_dtype``)."""
+  return assemble(decompose_factor(f.a_factor, damping, method, dtype),
+                  decompose_factor(f.g_factor, damping, method, dtype),
+                  damping, method, outer)
+
+
+def resize(d: Decomposition, a_size: int, g_size: int) -> Decomposition:
+  """``d`` cut or zero-padded to factor sizes (a_size, g_size).
+
+  A device keeps each layer of its column in a slot padded to the largest
+  layer of that slot on any device (see placement); the padding is never
+  read.
+  """
+  def fit(x, field):
+    dims = {"a": a_size, "g": g_size}
+    target = tuple(dims[c] for c in _AXES[field])
+    x = x[tuple(slice(0, t) for t in target)]
+    return jnp.pad(x, [(0, t - n) for n, t in zip(x.shape, target)])
+  return type(d)(*(fit(x, field) for x, field in zip(d, d._fields)))
+
+
+# Which factor size each axis of each decomposition field has.
+_AXES = {"a_eigvecs": "aa", "g_eigvecs": "gg", "a_eigvals": "a", "g_eigvals": "g",
+         "inv_eigval_outer": "ga", "a_inv": "aa", "g_inv": "gg"}
 
 
 def identity_decomposition(a_size: int, g_size: int, damping, method: str,

@@ -9,17 +9,20 @@ a step that is not due costs nothing.
 
 from __future__ import annotations
 
+import functools
 import re
-from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, Hashable, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import optax
 from jax import lax
 
+from kaisa_jax._src import collectives
 from kaisa_jax._src import eigen as eigen_lib
 from kaisa_jax._src import factors as factors_lib
 from kaisa_jax._src import layers as layers_lib
+from kaisa_jax._src import placement as placement_lib
 
 ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
 
@@ -45,7 +48,14 @@ class KaisaState(NamedTuple):
     step: int32, optimizer steps taken (micro-batches not counted).
     factors: per layer name, its running ``LayerFactors`` (A, G).
     decompositions: per layer name, its latest ``Eigen``, ``EigenOuter`` or
-      ``Inverse``.
+      ``Inverse``, the same on every device; used when every device holds
+      every layer's eigen data (one device, or ``grad_worker_frac=1``),
+      else empty.
+    local_decompositions: with ``grad_worker_frac < 1`` on several devices,
+      this device's eigen data: per slot ('slot_0', ...), the decomposition
+      of the slot's layer in this device's grad-worker group, zero-padded
+      (see ``kaisa_jax.placement``); different on every group, so shard it
+      over the devices (``kaisa_jax.state_specs``). Else empty.
     skipped_factor_updates: int32, factor steps skipped because a capture or
       gradient was not finite (the previous factors were kept).
     rejected_decompositions: int32, layer decompositions that came out not
@@ -56,6 +66,7 @@ class KaisaState(NamedTuple):
   step: jax.Array
   factors: dict
   decompositions: dict
+  local_decompositions: dict
   skipped_factor_updates: jax.Array
   rejected_decompositions: jax.Array
   accumulation: Optional[AccumulationState]
@@ -176,6 +187,11 @@ def kaisa(
     skip_layers: Sequence[str] = (),
     factor_dtype: Any = "float32",
     inv_dtype: Any = "float32",
+    axis_name: Optional[Hashable] = None,
+    grad_worker_frac: float = 1.0,
+    colocate_factors: bool = True,
+    cost_model: str = "compute",
+    symmetric_factors: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   """K-FAC preconditioning (KAISA conventions) as an optax transformation.
 
@@ -211,13 +227,39 @@ def kaisa(
       ('float32'; 'bfloat16' saves time at a loss of precision).
     inv_dtype: dtype (or its name) of the decompositions and the
       preconditioning ('float32'; 'float64' needs ``jax_enable_x64``).
+    axis_name: the data-parallel axis of ``jax.pmap`` / ``jax.shard_map``
+      (None: one device). Call ``init`` and ``update`` inside the map, with
+      each device's own gradients and captures of a loss that is the mean
+      over its own batch: the transform averages the gradients
+      (Gradient-Reduce) and the factors (Factor-Reduce, G scaled to the
+      global-batch loss), so the result is that of one device on the global
+      batch for any device count.
+    grad_worker_frac: f in (0, 1]: ``max(1, round(N f))`` devices per layer
+      hold its eigen data and precondition its gradient. 1 is COMM-OPT
+      (every device preconditions everything locally, no gradient
+      broadcast), 1/N is MEM-OPT (one device per layer, the least memory),
+      in between HYBRID-OPT. The grad-worker count must divide N.
+    colocate_factors: decompose a layer's A and G on one device (True) or
+      spread them over its grad-worker group.
+    cost_model: what the layer-to-device assignment balances: 'compute'
+      (n³ per factor) or 'memory' (n²).
+    symmetric_factors: send only the upper triangles in the Factor-Reduce
+      (half the bytes).
+
+  Several devices: see ``kaisa_jax.placement`` for who does what and the
+  bytes each collective moves. HYBRID-OPT inside ``jax.shard_map`` needs
+  ``check_vma=False``: its preconditioned gradients arrive through grouped
+  collectives, whose results JAX types as per-device. COMM-OPT and MEM-OPT
+  run with the default. With shard_map give the state the specs of
+  ``kaisa_jax.state_specs``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; its update is
     ``update(grads, state, params=None, *, captures)`` with the captures of
     ``kaisa_jax.value_and_grad``. Works under ``jax.jit``; with
     ``optax.inject_hyperparams`` put ``factor_update_steps``,
-    ``inv_update_steps`` and ``accumulation_steps`` in ``static_args`` (and
+    ``inv_update_steps``, ``accumulation_steps`` and ``grad_worker_frac`` in
+    ``static_args`` (and
     dtypes, when given as dtype objects rather than names).
 
   Example:
@@ -248,10 +290,38 @@ def kaisa(
   active = _active_layers(layers, skip_layers)
   outer = bool(eigenvalue_outer_product)
 
+  @functools.lru_cache(maxsize=None)
+  def plan_for(num_devices: int) -> placement_lib.Placement:
+    return placement(layers, num_devices, grad_worker_frac, skip_layers=skip_layers,
+                     colocate_factors=colocate_factors, cost_model=cost_model,
+                     compute_method=compute_method, eigenvalue_outer_product=outer,
+                     symmetric_factors=symmetric_factors, factor_dtype=factor_dtype,
+                     inv_dtype=inv_dtype)
+
+  if isinstance(grad_worker_frac, jax.core.Tracer):
+    raise ValueError(
+        "grad_worker_frac must be a static Python number; with "
+        "optax.inject_hyperparams list it in static_args.")
+  plan_for(1)  # checks the placement options now rather than at trace time
+
+  def current_plan() -> placement_lib.Placement:
+    return plan_for(_axis_size(axis_name))
+
+  def device_index():
+    return lax.axis_index(axis_name) if axis_name is not None else 0
+
   def init_fn(params):
     _check_params(active, params, "params")
+    plan = current_plan()
     step = jnp.zeros([], jnp.int32)
     damping0 = _value(damping, step)
+    identity = lambda a, g: eigen_lib.identity_decomposition(
+        a, g, damping0, compute_method, outer, inv_dtype)
+    decompositions, local = {}, {}
+    if plan.num_columns == 1:
+      decompositions = {l.name: identity(l.a_size, l.g_size) for l in active}
+    else:
+      local = {name: identity(*shape) for name, shape in zip(plan.slot_names, plan.slot_shapes)}
     accumulation = None
     if accumulation_steps > 1:
       accumulation = AccumulationState(
@@ -263,10 +333,8 @@ def kaisa(
     return KaisaState(
         step=step,
         factors={l.name: factors_lib.identity_factors(l, factor_dtype) for l in active},
-        decompositions={
-            l.name: eigen_lib.identity_decomposition(
-                l.a_size, l.g_size, damping0, compute_method, outer, inv_dtype)
-            for l in active},
+        decompositions=decompositions,
+        local_decompositions=local,
         skipped_factor_updates=jnp.zeros([], jnp.int32),
         rejected_decompositions=jnp.zeros([], jnp.int32),
         accumulation=accumulation)
@@ -274,6 +342,37 @@ def kaisa(
   def batch_factors(captures):
     return {l.name: factors_lib.batch_factors(l, captures[l.name], factor_dtype)
             for l in active}
+
+  def reduce_factors(batch: dict, num_devices: int) -> dict:
+    """Factor-Reduce: the mean over devices, as one global batch would give.
+
+    Each device's loss is the mean over its own batch, so its output
+    gradients are N times those of the global-batch loss: G gets 1/N².
+    """
+    pack = collectives.upper_triangle if symmetric_factors else jnp.ravel
+    flat = collectives.pack(
+        [pack(m) for f in batch.values()
+         for m in (f.a_factor, f.g_factor / num_devices ** 2)], factor_dtype)
+    flat = lax.pmean(flat, axis_name)
+    out, offset = {}, 0
+    for name, f in batch.items():
+      mats = []
+      for m in f:
+        n = m.shape[0]
+        words = n * (n + 1) // 2 if symmetric_factors else n * n
+        piece = flat[offset:offset + words]
+        offset += words
+        mats.append(collectives.from_upper_triangle(piece, n) if symmetric_factors
+                    else piece.reshape(n, n))
+      out[name] = factors_lib.LayerFactors(*mats)
+    return out
+
+  def switch(index, branches, *operands):
+    """``lax.switch`` on a device-dependent index; one branch runs directly."""
+    if len(branches) == 1:
+      return branches[0](*operands)
+    return lax.switch(index, [lambda *ops, b=b: collectives.as_varying(b(*ops), axis_name)
+                              for b in branches], *operands)
 
   def is_due(step, every: int):
     return step % every == 0
@@ -284,17 +383,122 @@ def kaisa(
       return fn(*operands)
     return lax.cond(pred, fn, otherwise, *operands)
 
+  def own_parts(plan, device: int, factors, damping_t) -> dict:
+    """The decomposition shares ``device`` computes: {(layer, 'a'|'g'): parts}."""
+    parts = {}
+    for l in plan.layers:
+      for which, worker, m in (("a", l.a_worker, factors[l.name].a_factor),
+                               ("g", l.g_worker, factors[l.name].g_factor)):
+        if worker == device:
+          parts[(l.name, which)] = eigen_lib.decompose_factor(m, damping_t, compute_method,
+                                                              inv_dtype)
+    return parts
+
+  def part_shapes(n: int):
+    return [(n, n)] + ([(n,)] if compute_method == "eigen" else [])
+
+  def outbox_layout(plan, device: int):
+    return [(l.name, which, n) for l in plan.layers
+            for which, worker, n in (("a", l.a_worker, l.a_size), ("g", l.g_worker, l.g_size))
+            if worker == device]
+
+  def received_parts(plan, column: int, inbox) -> dict:
+    """The shares of a column's layers, from the column's gathered outboxes."""
+    parts = {}
+    for row, device in enumerate(plan.columns[column]):
+      layout = outbox_layout(plan, device)
+      pieces = collectives.unpack(inbox[row], [s for _, _, n in layout for s in part_shapes(n)])
+      per_part = len(part_shapes(1))
+      for i, (name, which, _) in enumerate(layout):
+        parts[(name, which)] = tuple(pieces[i * per_part:(i + 1) * per_part])
+    return parts
+
+  def store_key(plan, l) -> str:
+    return plan.slot_names[l.slot] if plan.num_columns > 1 else l.name
+
+  def decompose_all(plan, factors, store, damping_t):
+    """New decompositions for the layers this device holds; (store, rejected)."""
+    n = plan.num_devices
+    me = device_index()
+
+    def install(column, parts, store):
+      store, rejected = dict(store), jnp.zeros([], jnp.int32)
+      for l in plan.layers_of_column(column):
+        key = store_key(plan, l)
+        new = eigen_lib.assemble(parts[(l.name, "a")], parts[(l.name, "g")], damping_t,
+                                 compute_method, outer)
+        old = eigen_lib.resize(store[key], l.a_size, l.g_size)
+        kept, bad = eigen_lib.keep_if_finite(new, old)
+        store[key] = eigen_lib.resize(kept, *store_shape(plan, l))
+        rejected = rejected + bad.astype(jnp.int32)
+      return store, rejected
+
+    if plan.grad_workers == 1:
+      # The column's only device decomposes everything the column holds.
+      branches = [functools.partial(lambda j, f, st: install(j, own_parts(plan, j, f, damping_t), st), j)
+                  for j in range(plan.num_columns)]
+      store, rejected = switch(me, branches, factors, store)
+    else:
+      width = plan.outbox_words()
+      outbox = switch(me, [
+          functools.partial(lambda d, f: collectives.pad_to(collectives.pack(
+              [p for name, which, _ in outbox_layout(plan, d)
+               for p in own_parts(plan, d, f, damping_t)[(name, which)]], inv_dtype), width), d)
+          for d in range(n)], factors)
+      inbox = collectives.gather_within(outbox, axis_name, plan.columns)
+      branches = [functools.partial(lambda j, ib, st: install(j, received_parts(plan, j, ib), st), j)
+                  for j in range(plan.num_columns)]
+      store, rejected = switch(me % plan.num_columns, branches, inbox, store)
+    if axis_name is not None:
+      # Row 0 of the grid holds every column once: count each layer once.
+      rejected = lax.psum(jnp.where(me < plan.num_columns, rejected, 0), axis_name)
+    return store, rejected
+
+  def store_shape(plan, l):
+    return plan.slot_shapes[l.slot] if plan.num_columns > 1 else (l.a_size, l.g_size)
+
+  def precondition_all(plan, store, grad_mats, damping_t) -> dict:
+    """Every layer's preconditioned gradient, on every device."""
+    def column(j, store):
+      return {l.name: eigen_lib.precondition(
+          eigen_lib.resize(store[store_key(plan, l)], l.a_size, l.g_size),
+          grad_mats[l.name], damping_t) for l in plan.layers_of_column(j)}
+
+    if plan.num_columns == 1:
+      return column(0, store)
+    width = plan.gradient_words()
+    branches = [functools.partial(lambda j, st: collectives.pad_to(collectives.pack(
+        list(column(j, st).values()), inv_dtype), width), j)
+                for j in range(plan.num_columns)]
+    mine = switch(device_index() % plan.num_columns, branches, store)
+    # Row-wise: member j of a row is the device of column j.
+    gathered = collectives.gather_within(mine, axis_name, plan.rows)
+    out = {}
+    for j in range(plan.num_columns):
+      held = plan.layers_of_column(j)
+      for l, m in zip(held, collectives.unpack(gathered[j], [(l.g_size, l.a_size) for l in held])):
+        out[l.name] = m
+    return out
+
   def preconditioned_step(grads, state: KaisaState, new_batch_factors):
     """One optimizer step given the gradients and a thunk for the batch factors."""
+    plan = current_plan()
+    n = plan.num_devices
+    # With an axis even of one device: the reduced values are then typed as
+    # replicated, which shard_map's out_specs=P() needs.
+    if axis_name is not None:
+      grads = collectives.mean_over_devices(grads, axis_name, n)  # Gradient-Reduce
     step = state.step
     damping_t = _value(damping, step)
 
     def update_factors(state_factors):
       batch = new_batch_factors()
+      if axis_name is not None:
+        batch = reduce_factors(batch, n)
       ok = factors_lib.all_finite(batch) & factors_lib.all_finite(grads)
       decay = _value(factor_decay, step)
-      averaged = {n: factors_lib.running_average(state_factors[n], batch[n], decay)
-                  for n in state_factors}
+      averaged = {k: factors_lib.running_average(state_factors[k], batch[k], decay)
+                  for k in state_factors}
       kept = jax.tree.map(lambda new, old: jnp.where(ok, new, old),
                           averaged, state_factors)
       return kept, jnp.logical_not(ok).astype(jnp.int32)
@@ -305,34 +509,27 @@ def kaisa(
     factors, skipped = maybe(is_due(step, factor_update_steps), factor_update_steps,
                              update_factors, keep_factors, state.factors)
 
-    def update_decompositions(decompositions):
-      new, rejected = {}, jnp.zeros([], jnp.int32)
-      for name, f in factors.items():
-        d = eigen_lib.decompose(f, damping_t, compute_method, outer, inv_dtype)
-        new[name], bad = eigen_lib.keep_if_finite(d, decompositions[name])
-        rejected = rejected + bad.astype(jnp.int32)
-      return new, rejected
+    store = state.decompositions if plan.num_columns == 1 else state.local_decompositions
 
-    def keep_decompositions(decompositions):
-      return decompositions, jnp.zeros([], jnp.int32)
+    def keep_decompositions(store):
+      return store, jnp.zeros([], jnp.int32)
 
-    decompositions, rejected = maybe(
+    store, rejected = maybe(
         is_due(step, inv_update_steps), inv_update_steps,
-        update_decompositions, keep_decompositions, state.decompositions)
+        lambda st: decompose_all(plan, factors, st, damping_t), keep_decompositions, store)
 
     leaves = _leaves_by_path(grads)
-    grad_mats, precond_mats = {}, {}
+    grad_mats = {}
     for layer in active:
       bias = leaves[layer.bias_path] if layer.has_bias else None
       grad_mats[layer.name] = layer.grad_matrix(leaves[layer.kernel_path], bias)
-      precond_mats[layer.name] = eigen_lib.precondition(
-          decompositions[layer.name], grad_mats[layer.name], damping_t)
+    precond_mats = precondition_all(plan, store, grad_mats, damping_t)
 
     scale = 1.0
     if kl_clip is not None:
       lr = _value(learning_rate, step)
-      vg = sum(jnp.sum(precond_mats[n] * grad_mats[n].astype(precond_mats[n].dtype))
-               for n in precond_mats) * lr ** 2
+      vg = sum(jnp.sum(precond_mats[k] * grad_mats[k].astype(precond_mats[k].dtype))
+               for k in precond_mats) * lr ** 2
       bound = _value(kl_clip, step)
       safe_vg = jnp.where(vg == 0, 1.0, jnp.abs(vg))
       scale = jnp.where(vg == 0, 1.0, jnp.minimum(1.0, jnp.sqrt(bound / safe_vg)))
@@ -346,13 +543,15 @@ def kaisa(
     treedef = jax.tree_util.tree_structure(grads)
     updates = jax.tree_util.tree_unflatten(treedef, list(leaves.values()))
 
-    new_state = KaisaState(
+    new_state = state._replace(
         step=step + 1,
         factors=factors,
-        decompositions=decompositions,
         skipped_factor_updates=state.skipped_factor_updates + skipped,
-        rejected_decompositions=state.rejected_decompositions + rejected,
-        accumulation=state.accumulation)
+        rejected_decompositions=state.rejected_decompositions + rejected)
+    if plan.num_columns == 1:
+      new_state = new_state._replace(decompositions=store)
+    else:
+      new_state = new_state._replace(local_decompositions=store)
     return updates, new_state
 
   def update_fn(grads, state: KaisaState, params=None, *, captures=None, **extra_args):
@@ -378,8 +577,8 @@ def kaisa(
       mean_grads = jax.tree.map(lambda g: g / k, acc.grads)
       # The big-batch loss is the mean of the micro-batch losses: its output
       # gradients carry 1/k, so G gets 1/k² on top of the mean over micro-batches.
-      big_batch = {n: factors_lib.LayerFactors(f.a_factor / k, f.g_factor / k ** 3)
-                   for n, f in acc.factors.items()}
+      big_batch = {name: factors_lib.LayerFactors(f.a_factor / k, f.g_factor / k ** 3)
+                   for name, f in acc.factors.items()}
       updates, new_state = preconditioned_step(mean_grads, state, lambda: big_batch)
       reset = jax.tree.map(jnp.zeros_like, acc)
       return updates, new_state._replace(accumulation=reset)
@@ -390,3 +589,89 @@ def kaisa(
     return lax.cond(acc.micro_step == accumulation_steps, emit, hold, state, acc)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _axis_size(axis_name) -> int:
+  """Devices along ``axis_name`` (1 without one), at trace time."""
+  if axis_name is None:
+    return 1
+  try:
+    return int(lax.axis_size(axis_name))
+  except NameError as e:
+    raise ValueError(
+        f"kaisa(axis_name={axis_name!r}): the axis is not bound here; call "
+        "tx.init and tx.update inside jax.pmap or jax.shard_map over that axis.") from e
+
+
+def placement(layers: layers_lib.LayerRegistry, num_devices: int,
+              grad_worker_frac: float = 1.0, *, skip_layers: Sequence[str] = (),
+              colocate_factors: bool = True, cost_model: str = "compute",
+              compute_method: str = "eigen", eigenvalue_outer_product: bool = True,
+              symmetric_factors: bool = True, factor_dtype: Any = "float32",
+              inv_dtype: Any = "float32") -> placement_lib.Placement:
+  """The static KAISA plan ``kaisa`` follows on ``num_devices`` devices.
+
+  Args:
+    layers: the registry from ``kaisa_jax.find_layers``.
+    num_devices: N, the size of the data-parallel axis.
+    grad_worker_frac, skip_layers, colocate_factors, cost_model,
+    compute_method, eigenvalue_outer_product, symmetric_factors,
+    factor_dtype, inv_dtype: as given to ``kaisa``.
+
+  Returns:
+    A ``Placement``; printing it shows, per layer, the devices that
+    decompose A and G and its grad-worker group; per device, the bytes of
+    factors and eigen data it keeps; and per kind of step, the collectives
+    and the bytes each device contributes to them.
+
+  Raises:
+    ValueError: the grad-worker count ``max(1, round(N f))`` does not divide
+      N (the message lists the valid fractions), or a bad option.
+
+  Example:
+    >>> print(kaisa_jax.placement(layers, num_devices=8, grad_worker_frac=0.25))
+  """
+  if isinstance(skip_layers, str):
+    skip_layers = (skip_layers,)
+  return placement_lib.plan(
+      _active_layers(layers, skip_layers), num_devices, grad_worker_frac,
+      colocate_factors=colocate_factors, cost_model=cost_model,
+      compute_method=compute_method, eigenvalue_outer_product=bool(eigenvalue_outer_product),
+      symmetric_factors=symmetric_factors,
+      factor_itemsize=_check_dtype("factor_dtype", factor_dtype).itemsize,
+      inv_itemsize=_check_dtype("inv_dtype", inv_dtype).itemsize)
+
+
+def state_specs(opt_state, axis_name: Hashable):
+  """shard_map ``PartitionSpec``s for an optimizer state that holds ``KaisaState``s.
+
+  Every leaf is replicated (``P()``) except the device-local eigen data
+  (``KaisaState.local_decompositions``), sharded over ``axis_name``: each
+  device keeps its own.
+
+  Args:
+    opt_state: the state of an optimizer containing ``kaisa`` (any optax
+      wrapping), or its abstract shape: with a mesh, take it from
+      ``jax.eval_shape(jax.shard_map(opt.init, mesh=mesh, in_specs=P(),
+      out_specs=P(), check_vma=False), params)``.
+    axis_name: the mesh axis given to ``kaisa(axis_name=...)``.
+
+  Returns:
+    A pytree of ``PartitionSpec`` with the structure of ``opt_state``, for
+    the ``in_specs`` / ``out_specs`` of ``jax.shard_map``.
+
+  Example:
+    >>> specs = kaisa_jax.state_specs(abstract_state, "data")
+    >>> init = jax.jit(jax.shard_map(opt.init, mesh=mesh, in_specs=P(), out_specs=specs))
+  """
+  replicated = jax.sharding.PartitionSpec()
+  sharded = jax.sharding.PartitionSpec(axis_name)
+
+  def spec(node):
+    if isinstance(node, KaisaState):
+      specs = jax.tree.map(lambda _: replicated, node._replace(local_decompositions={}))
+      return specs._replace(
+          local_decompositions=jax.tree.map(lambda _: sharded, node.local_decompositions))
+    return replicated
+
+  return jax.tree.map(spec, opt_state, is_leaf=lambda x: isinstance(x, KaisaState))

@@ -1,0 +1,116 @@
+"""Collectives: everything that crosses devices, along one named mapped axis.
+
+Used inside ``jax.pmap`` or ``jax.shard_map``. Several arrays that cross
+together are packed into one flat buffer, so that each kind of step runs one
+collective of each kind.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+
+def mean_over_devices(tree, axis_name, num_devices: int):
+  """The mean over the devices of per-device values (Gradient-Reduce).
+
+  Under shard_map's checked mode (``check_vma=True``) autodiff has already
+  summed the gradient of replicated parameters over the devices (their
+  values are typed as replicated): those are divided by N. Per-device values
+  (pmap, ``check_vma=False``, or typed as varying) are averaged.
+  """
+  checked = axis_name in varying_axes(lax.axis_index(axis_name))
+
+  def mean(x):
+    if checked and axis_name not in varying_axes(x):
+      return x / num_devices
+    return lax.pmean(x, axis_name)
+
+  return jax.tree.map(mean, tree)
+
+
+def as_varying(tree, axis_name):
+  """``tree`` typed as differing between devices (a no-op outside checked mode).
+
+  The branches of a switch on the device index must agree on this type even
+  where one of them (a device with nothing to do) returns constants.
+  """
+  if axis_name not in varying_axes(lax.axis_index(axis_name)):
+    return tree
+  return jax.tree.map(
+      lambda x: x if axis_name in varying_axes(x) else lax.pcast(x, (axis_name,), to="varying"),
+      tree)
+
+
+def varying_axes(x) -> frozenset:
+  """The shard_map axes along which ``x`` is typed as differing between devices.
+
+  Empty outside shard_map's checked mode. (jax >= 0.10 keeps them in
+  ``manual_axis_type.varying``, older versions in ``vma``.)
+  """
+  aval = jax.typeof(x)
+  manual = getattr(aval, "manual_axis_type", None)
+  if manual is not None:
+    return frozenset(manual.varying)
+  return frozenset(getattr(aval, "vma", ()))
+
+
+def pack(arrays: Sequence[jax.Array], dtype) -> jax.Array:
+  """Flattens and concatenates ``arrays`` into one vector of ``dtype``."""
+  if not arrays:
+    return jnp.zeros((0,), dtype)
+  return jnp.concatenate([jnp.ravel(a).astype(dtype) for a in arrays])
+
+
+def unpack(buffer: jax.Array, shapes: Sequence[tuple[int, ...]]) -> list[jax.Array]:
+  """The inverse of ``pack`` for arrays of ``shapes`` at the start of ``buffer``."""
+  out, offset = [], 0
+  for shape in shapes:
+    size = int(np.prod(shape))
+    out.append(buffer[offset:offset + size].reshape(shape))
+    offset += size
+  return out
+
+
+def upper_triangle(m: jax.Array) -> jax.Array:
+  """(n, n) -> (n (n + 1) / 2,): a symmetric matrix in half the words."""
+  rows, cols = np.triu_indices(m.shape[0])
+  return m[rows, cols]
+
+
+def from_upper_triangle(v: jax.Array, n: int) -> jax.Array:
+  """The symmetric (n, n) matrix whose upper triangle is ``v``."""
+  rows, cols = np.triu_indices(n)
+  upper = jnp.zeros((n, n), v.dtype).at[rows, cols].set(v)
+  return upper + upper.T - jnp.diag(jnp.diag(upper))
+
+
+def pad_to(buffer: jax.Array, length: int) -> jax.Array:
+  return jnp.pad(buffer, (0, length - buffer.shape[0]))
+
+
+def gather_within(buffer: jax.Array, axis_name, groups: Sequence[Sequence[int]]) -> jax.Array:
+  """Every device gets the ``buffer`` of each member of its group.
+
+  ``groups`` partition the devices into equal groups, each listed in
+  increasing device order. Returns (group size, length): row r holds the
+  buffer of the r-th member of the caller's group.
+
+  One group of every device: an all-reduce of a (N, length) buffer that
+  holds each device's own row, so that the result is the same on every
+  device in JAX's eyes too (invariant: shard_map may return it replicated;
+  an all-gather's result is typed per-device). Smaller groups: an all-gather
+  with ``axis_index_groups`` (per-device result).
+  """
+  size = len(groups[0])
+  if size == 1:
+    return buffer[None]
+  if len(groups) == 1:
+    me = lax.axis_index(axis_name)
+    rows = jnp.zeros((size,) + buffer.shape, buffer.dtype)
+    return lax.psum(lax.dynamic_update_index_in_dim(rows, buffer, me, 0), axis_name)
+  return lax.all_gather(buffer, axis_name, axis_index_groups=[list(g) for g in groups])

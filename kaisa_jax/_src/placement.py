@@ -1,0 +1,299 @@
+"""Placement: which device does what, fixed before anything runs.
+
+KAISA lays the N devices of the data-parallel axis out as a grid of
+``grad_workers`` rows by ``N / grad_workers`` columns, numbered row by row
+(the reference's layout):
+
+* a column is a grad-worker group: its devices hold the eigen data of the
+  layers assigned to the column and precondition their gradients;
+* a row is a receiver group: it holds one device of every column, which
+  serves the row the preconditioned gradients of its column's layers.
+
+Layers go to columns greedily, largest decomposition cost first, each to the
+column with the least load; within the column the A and G decompositions go
+to its least loaded device (both to one device with ``colocate_factors``).
+
+A device's eigen data live in "slots": slot k of a device holds the k-th
+layer of its column (largest first), padded to the largest layer any column
+has in slot k, so that every device's state has the same shapes (SPMD) while
+holding only its column's layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional, Sequence
+
+from kaisa_jax._src import layers as layers_lib
+
+COST_MODELS = ("compute", "memory")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerPlacement:
+  """Where one layer's work happens.
+
+  Attributes:
+    name: the layer name.
+    a_size, g_size: its factor sizes.
+    column: its grad-worker group (index into ``Placement.columns``).
+    slot: its slot on the devices of that column.
+    a_worker, g_worker: the devices that decompose A and G.
+  """
+  name: str
+  a_size: int
+  g_size: int
+  column: int
+  slot: int
+  a_worker: int
+  g_worker: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+  """The static plan for N devices (see the module docstring).
+
+  Attributes:
+    num_devices: N.
+    grad_workers: devices per layer that hold its eigen data (grid rows).
+    layers: one ``LayerPlacement`` per layer, in registry order.
+    slot_shapes: per slot, its padded (a_size, g_size).
+    compute_method, eigenvalue_outer_product, symmetric_factors,
+    factor_itemsize, inv_itemsize: what the byte counts assume.
+  """
+  num_devices: int
+  grad_workers: int
+  layers: tuple[LayerPlacement, ...]
+  slot_shapes: tuple[tuple[int, int], ...]
+  compute_method: str = "eigen"
+  eigenvalue_outer_product: bool = True
+  symmetric_factors: bool = True
+  factor_itemsize: int = 4
+  inv_itemsize: int = 4
+
+  @property
+  def num_columns(self) -> int:
+    return self.num_devices // self.grad_workers
+
+  @property
+  def columns(self) -> tuple[tuple[int, ...], ...]:
+    """Grad-worker groups: column j of the grid, ``(j, j + C, j + 2C, ...)``."""
+    c = self.num_columns
+    return tuple(tuple(range(j, self.num_devices, c)) for j in range(c))
+
+  @property
+  def rows(self) -> tuple[tuple[int, ...], ...]:
+    """Receiver groups: row i of the grid, ``(iC, ..., iC + C - 1)``."""
+    c = self.num_columns
+    return tuple(tuple(range(i * c, (i + 1) * c)) for i in range(self.grad_workers))
+
+  def column_of(self, device: int) -> int:
+    return device % self.num_columns
+
+  def layers_of_column(self, column: int) -> tuple[LayerPlacement, ...]:
+    """The column's layers in slot order."""
+    return tuple(sorted((l for l in self.layers if l.column == column),
+                        key=lambda l: l.slot))
+
+  @property
+  def slot_names(self) -> tuple[str, ...]:
+    """State keys of the slots: the layer names when there is one column."""
+    if self.num_columns == 1:
+      return tuple(l.name for l in self.layers_of_column(0))
+    return tuple(f"slot_{k}" for k in range(len(self.slot_shapes)))
+
+  # ------------------------------------------------------------- byte counts
+
+  def _factor_words(self, n: int) -> int:
+    return n * (n + 1) // 2 if self.symmetric_factors else n * n
+
+  def _decomposition_words(self, n: int) -> int:
+    """Words one factor's decomposition sends: eigenvectors (+ values) or inverse."""
+    return n * n + (n if self.compute_method == "eigen" else 0)
+
+  def _stored_words(self, a: int, g: int) -> int:
+    """Words a layer's decomposition keeps in the state."""
+    if self.compute_method == "inverse":
+      return a * a + g * g
+    if self.eigenvalue_outer_product:
+      return a * a + g * g + g * a
+    return a * a + g * g + a + g
+
+  def outbox_words(self) -> int:
+    """Length of the decomposition-step buffer every device sends (the largest)."""
+    per_device = [0] * self.num_devices
+    for l in self.layers:
+      per_device[l.a_worker] += self._decomposition_words(l.a_size)
+      per_device[l.g_worker] += self._decomposition_words(l.g_size)
+    return max(per_device)
+
+  def gradient_words(self) -> int:
+    """Length of the ordinary-step buffer every device sends (the largest column)."""
+    per_column = [0] * self.num_columns
+    for l in self.layers:
+      per_column[l.column] += l.a_size * l.g_size
+    return max(per_column)
+
+  def device_bytes(self) -> list[dict]:
+    """Per device: bytes of factors and of eigen data (slots) in its state."""
+    factors = sum(l.a_size ** 2 + l.g_size ** 2 for l in self.layers) * self.factor_itemsize
+    eigen = sum(self._stored_words(a, g) for a, g in self.slot_shapes) * self.inv_itemsize
+    return [{"device": d, "factor_bytes": factors, "eigen_bytes": eigen}
+            for d in range(self.num_devices)]
+
+  def collectives(self) -> list[dict]:
+    """The collectives of each kind of step and the bytes of their result on each device.
+
+    'factor step': the all-reduce of the batch factors. 'decomposition
+    step': the gathering of the decompositions within each grad-worker group
+    (none with one grad worker) and the all-reduce of the rejected count.
+    'every step': the all-reduce of the gradients (``registered_bytes``: the
+    registered layers' share; the other parameters add theirs) and the
+    gathering of the preconditioned gradients within each receiver group
+    (none with one group). A gathering over all N devices is an all-reduce
+    of an (N, width) buffer holding each device's row, so that its result is
+    replicated in shard_map's eyes; within smaller groups it is an
+    all-gather.
+    """
+    n = self.num_devices
+    if n == 1:
+      return []
+    # Kernel and bias of a layer are its (g, a) gradient matrix; float32 params assumed.
+    registered = sum(l.a_size * l.g_size for l in self.layers) * 4
+    out = [{"step": "every step", "op": "all-reduce", "what": "gradients (mean)",
+            "group_size": n, "bytes": None, "registered_bytes": registered},
+           {"step": "factor step", "op": "all-reduce", "what": "batch factors (mean)",
+            "group_size": n,
+            "bytes": sum(self._factor_words(l.a_size) + self._factor_words(l.g_size)
+                         for l in self.layers) * self.factor_itemsize}]
+
+    def gathering(step, what, group_size, width):
+      op = "all-reduce" if group_size == n else "all-gather"
+      return {"step": step, "op": op, "what": what, "group_size": group_size,
+              "bytes": group_size * width * self.inv_itemsize}
+
+    if self.grad_workers > 1:
+      out.append(gathering("decomposition step", "decompositions to the grad workers",
+                           self.grad_workers, self.outbox_words()))
+    out.append({"step": "decomposition step", "op": "all-reduce",
+                "what": "count of rejected decompositions", "group_size": n, "bytes": 4})
+    if self.num_columns > 1:
+      out.append(gathering("every step", "preconditioned gradients to the receivers",
+                           self.num_columns, self.gradient_words()))
+    return out
+
+  def table(self) -> str:
+    """The plan as text: per layer, per device, per collective."""
+    c = self.num_columns
+    strategy = ("COMM-OPT" if c == 1 else "MEM-OPT" if self.grad_workers == 1 else "HYBRID-OPT")
+    lines = [f"KAISA placement: {self.num_devices} devices, {self.grad_workers} grad "
+             f"worker(s) per layer ({strategy}), {c} grad-worker group(s)"]
+    rows = [("layer", "A size", "G size", "A worker", "G worker", "grad workers", "slot")]
+    for l in self.layers:
+      rows.append((l.name, str(l.a_size), str(l.g_size), str(l.a_worker), str(l.g_worker),
+                   ",".join(map(str, self.columns[l.column])), str(l.slot)))
+    lines += _format(rows)
+    lines.append("")
+    rows = [("device", "factor bytes", "eigen bytes", "decomposes")]
+    for d in self.device_bytes():
+      work = [f"{l.name}:A" for l in self.layers if l.a_worker == d["device"]]
+      work += [f"{l.name}:G" for l in self.layers if l.g_worker == d["device"]]
+      rows.append((str(d["device"]), f"{d['factor_bytes']:,}", f"{d['eigen_bytes']:,}",
+                   " ".join(work) or "-"))
+    lines += _format(rows)
+    collectives = self.collectives()
+    if collectives:
+      lines.append("")
+      rows = [("when", "collective", "what", "group", "bytes per device")]
+      for k in collectives:
+        size = (f"{k['bytes']:,}" if k["bytes"] is not None
+                else f"params ({k['registered_bytes']:,} in registered layers)")
+        rows.append((k["step"], k["op"], k["what"], str(k["group_size"]), size))
+      lines += _format(rows)
+    return "\n".join(lines)
+
+  def __str__(self) -> str:
+    return self.table()
+
+
+def _format(rows: Sequence[Sequence[str]]) -> list[str]:
+  widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+  out = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+  out.insert(1, "  ".join("-" * w for w in widths))
+  return out
+
+
+def valid_fractions(num_devices: int) -> list[str]:
+  return [f"{k}/{num_devices}" for k in range(1, num_devices + 1) if num_devices % k == 0]
+
+
+def grad_worker_count(num_devices: int, grad_worker_frac: float) -> int:
+  """``max(1, round(N f))``, checked to divide N."""
+  if not 0 < grad_worker_frac <= 1:
+    raise ValueError(f"grad_worker_frac must be in (0, 1], got {grad_worker_frac!r}.")
+  count = max(1, round(num_devices * grad_worker_frac))
+  if num_devices % count:
+    raise ValueError(
+        f"grad_worker_frac={grad_worker_frac!r} gives {count} grad workers per layer, "
+        f"which does not divide the {num_devices} devices; valid fractions for "
+        f"{num_devices} devices: {', '.join(valid_fractions(num_devices))}.")
+  return count
+
+
+def plan(layers: Sequence[layers_lib.Layer], num_devices: int, grad_worker_frac: float,
+         *, colocate_factors: bool = True, cost_model: str = "compute",
+         compute_method: str = "eigen", eigenvalue_outer_product: bool = True,
+         symmetric_factors: bool = True, factor_itemsize: int = 4,
+         inv_itemsize: int = 4) -> Placement:
+  """The greedy KAISA assignment for ``layers`` (registry order kept)."""
+  if int(num_devices) != num_devices or num_devices < 1:
+    raise ValueError(f"num_devices must be an integer >= 1, got {num_devices!r}.")
+  if cost_model not in COST_MODELS:
+    raise ValueError(f"cost_model must be one of {COST_MODELS}, got {cost_model!r}.")
+  grad_workers = grad_worker_count(num_devices, grad_worker_frac)
+  columns = num_devices // grad_workers
+  power = 3 if cost_model == "compute" else 2
+  cost = lambda n: float(n) ** power
+  load = [0.0] * num_devices
+  column_of_device = lambda d: d % columns
+  members = [list(range(j, num_devices, columns)) for j in range(columns)]
+  # Largest first; ties in registry order, so the plan is deterministic.
+  order = sorted(range(len(layers)),
+                 key=lambda i: -(cost(layers[i].a_size) + cost(layers[i].g_size)))
+  assigned = {}
+  for i in order:
+    layer = layers[i]
+    column = min(range(columns), key=lambda j: (sum(load[d] for d in members[j]), j))
+    least = lambda: min(members[column], key=lambda d: (load[d], d))
+    if colocate_factors:
+      worker = least()
+      load[worker] += cost(layer.a_size) + cost(layer.g_size)
+      a_worker = g_worker = worker
+    else:
+      workers = {}
+      for which, n in sorted((("a", layer.a_size), ("g", layer.g_size)),
+                             key=lambda t: -cost(t[1])):
+        workers[which] = least()
+        load[workers[which]] += cost(n)
+      a_worker, g_worker = workers["a"], workers["g"]
+    assert column_of_device(a_worker) == column == column_of_device(g_worker)
+    assigned[i] = (column, a_worker, g_worker)
+  # Slots: within a column, largest (by stored size) first.
+  slots, slot_shapes = {}, []
+  for j in range(columns):
+    mine = sorted((i for i in assigned if assigned[i][0] == j),
+                  key=lambda i: (-(layers[i].a_size * layers[i].g_size), i))
+    for k, i in enumerate(mine):
+      slots[i] = k
+      if k == len(slot_shapes):
+        slot_shapes.append((0, 0))
+      a, g = slot_shapes[k]
+      slot_shapes[k] = (max(a, layers[i].a_size), max(g, layers[i].g_size))
+  placed = tuple(
+      LayerPlacement(l.name, l.a_size, l.g_size, assigned[i][0], slots[i],
+                     assigned[i][1], assigned[i][2])
+      for i, l in enumerate(layers))
+  return Placement(num_devices, grad_workers, placed, tuple(slot_shapes), compute_method,
+                   bool(eigenvalue_outer_product), bool(symmetric_factors),
+                   factor_itemsize, inv_itemsize)

@@ -1,0 +1,214 @@
+"""KAISA across devices: every strategy gives the single-device answer.
+
+Eight CPU devices come from ``--xla_force_host_platform_device_count`` (set
+in conftest.py before jax is imported). The reference is the same
+transformation on one device with the global batch, itself checked against
+float64 NumPy in test_transform.py.
+"""
+
+from __future__ import annotations
+
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import Mesh, PartitionSpec as P
+
+import kaisa_jax
+
+GLOBAL_BATCH = 16
+STEPS = 5
+AXIS = "data"
+LR = 0.05
+
+
+class Net(nn.Module):
+  """Four registered layers of different sizes, so that placement spreads them."""
+
+  @nn.compact
+  def __call__(self, x):
+    h = jnp.tanh(nn.Conv(3, (3, 3), padding="SAME")(x))
+    h = nn.Conv(4, (2, 2), strides=(2, 2), padding="VALID", use_bias=False)(h)
+    h = jnp.tanh(nn.Dense(7)(h.reshape(h.shape[0], -1)))
+    return nn.Dense(3)(h)
+
+
+MODEL = Net()
+
+
+def loss_fn(params, x, y):
+  """The mean over the (local) batch, scaled so that G is not negligible."""
+  out = MODEL.apply({"params": params}, x)
+  return 4.0 * jnp.mean(jnp.sum((out - y) ** 2, axis=-1))
+
+
+def batches(seed=0):
+  rng = np.random.default_rng(seed)
+  for _ in range(STEPS):
+    x = rng.normal(size=(GLOBAL_BATCH, 4, 4, 2)).astype(np.float32)
+    y = (2 * rng.normal(size=(GLOBAL_BATCH, 3)) + 1).astype(np.float32)
+    yield x, y
+
+
+def initial_params():
+  x, _ = next(batches())
+  return MODEL.init(jax.random.key(0), x[:1])["params"]
+
+
+@pytest.fixture(scope="module")
+def layers():
+  x, y = next(batches())
+  return kaisa_jax.find_layers(loss_fn, initial_params(), x, y)
+
+
+def make_opt(layers, method, **kwargs):
+  tx = kaisa_jax.kaisa(layers, damping=0.05, factor_decay=0.8, factor_update_steps=1,
+                       inv_update_steps=2, kl_clip=1e-2, learning_rate=LR,
+                       compute_method=method, **kwargs)
+  return optax.chain(tx, optax.sgd(LR))
+
+
+def train_step(opt):
+  def step(params, state, x, y):
+    _, grads, captures = kaisa_jax.value_and_grad(loss_fn)(params, x, y)
+    updates, state = opt.update(grads, state, params, captures=captures)
+    return optax.apply_updates(params, updates), state
+  return step
+
+
+def run_single(layers, method):
+  opt = make_opt(layers, method)
+  params = initial_params()
+  state = opt.init(params)
+  step = jax.jit(train_step(opt))
+  trajectory = []
+  for x, y in batches():
+    params, state = step(params, state, x, y)
+    trajectory.append(params)
+  return trajectory
+
+
+def run_pmap(layers, method, num_devices, frac):
+  opt = make_opt(layers, method, axis_name=AXIS, grad_worker_frac=frac)
+  devices = jax.devices()[:num_devices]
+  replicate = lambda tree: jax.tree.map(lambda a: jnp.stack([a] * num_devices), tree)
+  params = replicate(initial_params())
+  state = jax.pmap(opt.init, axis_name=AXIS, devices=devices)(params)
+  step = jax.pmap(train_step(opt), axis_name=AXIS, devices=devices)
+  split = lambda a: a.reshape((num_devices, -1) + a.shape[1:])
+  trajectory = []
+  for x, y in batches():
+    params, state = step(params, state, split(x), split(y))
+    # Every device must hold the same parameters.
+    for leaf in jax.tree.leaves(params):
+      np.testing.assert_array_equal(leaf, jnp.broadcast_to(leaf[0], leaf.shape))
+    trajectory.append(jax.tree.map(lambda a: a[0], params))
+  return trajectory
+
+
+def run_shard_map(layers, method, num_devices, frac, check_vma):
+  opt = make_opt(layers, method, axis_name=AXIS, grad_worker_frac=frac)
+  mesh = Mesh(np.array(jax.devices()[:num_devices]), (AXIS,))
+  params = initial_params()
+  abstract = jax.eval_shape(
+      jax.shard_map(opt.init, mesh=mesh, in_specs=P(), out_specs=P(), check_vma=False), params)
+  specs = kaisa_jax.state_specs(abstract, AXIS)
+  init = jax.jit(jax.shard_map(opt.init, mesh=mesh, in_specs=P(), out_specs=specs,
+                               check_vma=check_vma))
+  step = jax.jit(jax.shard_map(train_step(opt), mesh=mesh,
+                               in_specs=(P(), specs, P(AXIS), P(AXIS)),
+                               out_specs=(P(), specs), check_vma=check_vma))
+  state = init(params)
+  trajectory = []
+  for x, y in batches():
+    params, state = step(params, state, x, y)
+    trajectory.append(params)
+  return trajectory
+
+
+def assert_trajectories_close(actual, expected, rtol=1e-5):
+  for t, (a, e) in enumerate(zip(actual, expected)):
+    for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(e)):
+      x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+      error = np.linalg.norm(x - y) / np.linalg.norm(y)
+      assert error <= rtol, f"step {t}, {jax.tree_util.keystr(path)}: relative error {error:.2e}"
+
+
+def strategies():
+  """(devices, grad_worker_frac) for N in 1, 2, 4, 8 and every valid fraction."""
+  return [(n, k / n) for n in (1, 2, 4, 8) for k in range(1, n + 1) if n % k == 0]
+
+
+@pytest.fixture(scope="module")
+def single(layers):
+  return {m: run_single(layers, m) for m in ("eigen", "inverse")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["eigen", "inverse"])
+@pytest.mark.parametrize("num_devices, frac", strategies())
+def test_pmap_matches_single_device(layers, single, method, num_devices, frac):
+  assert_trajectories_close(run_pmap(layers, method, num_devices, frac), single[method])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["eigen", "inverse"])
+@pytest.mark.parametrize("num_devices, frac", strategies())
+def test_shard_map_matches_single_device(layers, single, method, num_devices, frac):
+  grad_workers = max(1, round(num_devices * frac))
+  hybrid = 1 < grad_workers < num_devices
+  # JAX's grouped collectives need check_vma=False; the others run with the default.
+  trajectory = run_shard_map(layers, method, num_devices, frac, check_vma=not hybrid)
+  assert_trajectories_close(trajectory, single[method])
+
+
+# ---------------------------------------------------------------------------
+# The bytes the plan announces are the bytes the compiled program moves.
+
+_ITEMSIZE = {"f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "bf16": 2, "f16": 2, "pred": 1}
+
+
+def collective_bytes(hlo: str) -> dict:
+  """Result bytes per device of every all-reduce and all-gather in compiled HLO text."""
+  totals = {"all-reduce": 0, "all-gather": 0}
+  for line in hlo.splitlines():
+    for op in totals:
+      match = re.search(r"=\s*(.*?)\s" + op + r"(?:-start)?\(", line)
+      if match:
+        for dtype, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", match.group(1)):
+          count = int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
+          totals[op] += count * _ITEMSIZE[dtype]
+  return totals
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("frac", [1 / 8, 1 / 4, 1 / 2, 1.0])
+@pytest.mark.parametrize("method", ["eigen", "inverse"])
+def test_collective_bytes_match_the_plan(layers, method, frac):
+  num_devices = 8
+  opt = optax.chain(kaisa_jax.kaisa(layers, compute_method=method, axis_name=AXIS,
+                                    grad_worker_frac=frac), optax.sgd(LR))
+  mesh = Mesh(np.array(jax.devices()[:num_devices]), (AXIS,))
+  params = initial_params()
+  abstract = jax.eval_shape(
+      jax.shard_map(opt.init, mesh=mesh, in_specs=P(), out_specs=P(), check_vma=False), params)
+  specs = kaisa_jax.state_specs(abstract, AXIS)
+  step = jax.jit(jax.shard_map(train_step(opt), mesh=mesh,
+                               in_specs=(P(), specs, P(AXIS), P(AXIS)),
+                               out_specs=(P(), specs), check_vma=False))
+  state = jax.eval_shape(jax.shard_map(opt.init, mesh=mesh, in_specs=P(), out_specs=specs,
+                                       check_vma=False), params)
+  x, y = next(batches())
+  hlo = step.lower(params, state, x, y).compile().as_text()
+
+  plan = kaisa_jax.placement(layers, num_devices, frac, compute_method=method)
+  param_bytes = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(params))
+  expected = {"all-reduce": param_bytes, "all-gather": 0}
+  for k in plan.collectives():
+    if k["bytes"] is not None:
+      expected[k["op"]] += k["bytes"]
+  assert collective_bytes(hlo) == expected
