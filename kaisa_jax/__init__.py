@@ -9,7 +9,8 @@ The public surface is three functions:
 * ``kaisa(layers, ...)``: the preconditioner, an optax transformation.
 
 Across devices, ``placement`` shows the static KAISA plan and
-``state_specs`` gives the shard_map specs of the optimizer state.
+``state_specs`` gives the shard_map specs of the optimizer state and
+``convert_state`` moves a saved state to another device count.
 """
 
 from kaisa_jax._src.capture import LayerCapture, find_layers, value_and_grad
@@ -17,13 +18,13 @@ from kaisa_jax._src.eigen import Eigen, EigenOuter, Inverse
 from kaisa_jax._src.factors import LayerFactors
 from kaisa_jax._src.layers import LayerRegistry
 from kaisa_jax._src.placement import LayerPlacement, Placement
-from kaisa_jax._src.transform import (AccumulationState, KaisaState, kaisa, placement,
-                                      state_specs)
+from kaisa_jax._src.transform import (AccumulationState, KaisaState, convert_state, kaisa,
+                                      placement, state_specs)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "find_layers", "value_and_grad", "kaisa", "placement", "state_specs",
+    "find_layers", "value_and_grad", "kaisa", "placement", "state_specs", "convert_state",
     "Placement", "LayerPlacement", "LayerRegistry", "LayerCapture", "KaisaState", "AccumulationState",
     "LayerFactors", "Eigen", "EigenOuter", "Inverse",
 ]

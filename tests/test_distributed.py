@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import Mesh, PartitionSpec as P
 
@@ -65,9 +66,9 @@ def layers():
   return kaisa_jax.find_layers(loss_fn, initial_params(), x, y)
 
 
-def make_opt(layers, method, **kwargs):
+def make_opt(layers, method, inv_update_steps=2, **kwargs):
   tx = kaisa_jax.kaisa(layers, damping=0.05, factor_decay=0.8, factor_update_steps=1,
-                       inv_update_steps=2, kl_clip=1e-2, learning_rate=LR,
+                       inv_update_steps=inv_update_steps, kl_clip=1e-2, learning_rate=LR,
                        compute_method=method, **kwargs)
   return optax.chain(tx, optax.sgd(LR))
 
@@ -80,8 +81,8 @@ def train_step(opt):
   return step
 
 
-def run_single(layers, method):
-  opt = make_opt(layers, method)
+def run_single(layers, method, **kwargs):
+  opt = make_opt(layers, method, **kwargs)
   params = initial_params()
   state = opt.init(params)
   step = jax.jit(train_step(opt))
@@ -212,3 +213,77 @@ def test_collective_bytes_match_the_plan(layers, method, frac):
     if k["bytes"] is not None:
       expected[k["op"]] += k["bytes"]
   assert collective_bytes(hlo) == expected
+
+
+# ---------------------------------------------------------------------------
+# A state saved on N devices continues on M.
+
+
+def shard_map_runner(layers, num_devices, frac, **kwargs):
+  """(init, step) of a shard_map run on the first ``num_devices`` devices."""
+  opt = make_opt(layers, "eigen", axis_name=AXIS, grad_worker_frac=frac, **kwargs)
+  mesh = Mesh(np.array(jax.devices()[:num_devices]), (AXIS,))
+  abstract = jax.eval_shape(
+      jax.shard_map(opt.init, mesh=mesh, in_specs=P(), out_specs=P(), check_vma=False),
+      initial_params())
+  specs = kaisa_jax.state_specs(abstract, AXIS)
+  init = jax.jit(jax.shard_map(opt.init, mesh=mesh, in_specs=P(), out_specs=specs,
+                               check_vma=False))
+  step = jax.jit(jax.shard_map(train_step(opt), mesh=mesh,
+                               in_specs=(P(), specs, P(AXIS), P(AXIS)),
+                               out_specs=(P(), specs), check_vma=False))
+  return init, step
+
+
+def save_and_restore(tree, path):
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(path, tree)
+  checkpointer.wait_until_finished()
+  # Restored as host arrays: the run that continues places them on its own devices.
+  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
+  return jax.tree.map(np.asarray, checkpointer.restore(path, target))
+
+
+@pytest.mark.slow
+def test_checkpoint_moves_from_8_to_4_to_1_devices(layers, tmp_path):
+  # Decompositions at steps 0 and 3: the first step after each move (2 and
+  # 4) preconditions with a decomposition made on the previous devices.
+  inv = 3
+  data = list(batches())
+  frac8, frac4 = 1 / 8, 1 / 2  # MEM-OPT, then HYBRID-OPT
+  init8, step8 = shard_map_runner(layers, 8, frac8, inv_update_steps=inv)
+  params = initial_params()
+  state = init8(params)
+  for x, y in data[:2]:
+    params, state = step8(params, state, x, y)
+  restored = save_and_restore({"params": params, "opt_state": state}, tmp_path / "at8")
+  plan8 = kaisa_jax.placement(layers, 8, frac8)
+  plan4 = kaisa_jax.placement(layers, 4, frac4)
+  params = restored["params"]
+  state = kaisa_jax.convert_state(restored["opt_state"], plan8, plan4)
+
+  _, step4 = shard_map_runner(layers, 4, frac4, inv_update_steps=inv)
+  trajectory = []
+  for x, y in data[2:4]:
+    params, state = step4(params, state, x, y)
+    trajectory.append(params)
+  restored = save_and_restore({"params": params, "opt_state": state}, tmp_path / "at4")
+  params = restored["params"]
+  state = kaisa_jax.convert_state(restored["opt_state"], plan4,
+                                  kaisa_jax.placement(layers, 1, 1.0))
+
+  step1 = jax.jit(train_step(make_opt(layers, "eigen", inv_update_steps=inv)))
+  for x, y in data[4:]:
+    params, state = step1(params, state, x, y)
+    trajectory.append(params)
+  assert_trajectories_close(trajectory, run_single(layers, "eigen", inv_update_steps=inv)[2:])
+
+
+def test_convert_state_rejects_mismatched_placements(layers):
+  other = kaisa_jax.placement(layers, 4, 0.5, skip_layers=("Dense_1",))
+  plan = kaisa_jax.placement(layers, 4, 0.5)
+  with pytest.raises(ValueError, match="different layers"):
+    kaisa_jax.convert_state({}, plan, other)
+  inverse = kaisa_jax.placement(layers, 4, 0.5, compute_method="inverse")
+  with pytest.raises(ValueError, match="compute_method"):
+    kaisa_jax.convert_state({}, plan, inverse)

@@ -675,3 +675,90 @@ def state_specs(opt_state, axis_name: Hashable):
     return replicated
 
   return jax.tree.map(spec, opt_state, is_leaf=lambda x: isinstance(x, KaisaState))
+
+
+def convert_state(opt_state, source: placement_lib.Placement,
+                  target: placement_lib.Placement):
+  """Moves the eigen data of an optimizer state from one device layout to another.
+
+  A state saved from a run on N devices (the global arrays of a shard_map
+  run, or a single-device state) restores into a run on M devices once its
+  device-local eigen data are laid out for M: each layer's latest
+  decomposition moves to the slots of its new grad-worker group, so that
+  training continues with the same numbers as an uninterrupted run. The
+  factors, counters and accumulation sums are the same on every device and
+  pass through unchanged.
+
+  Args:
+    opt_state: an optimizer state holding ``KaisaState``s laid out for
+      ``source``, as arrays of their global shape (what shard_map with
+      ``state_specs`` returns, or a single-device state).
+    source: the ``kaisa_jax.placement`` of the run that produced it.
+    target: the placement of the run that continues, with the same layers
+      and compute method.
+
+  Returns:
+    ``opt_state`` laid out for ``target``: feed it to the new run with
+    ``state_specs`` (or directly, on one device).
+
+  Example:
+    >>> old = kaisa_jax.placement(layers, 8, 1 / 8)
+    >>> new = kaisa_jax.placement(layers, 4, 1 / 2)
+    >>> state = kaisa_jax.convert_state(restored_state, old, new)
+  """
+  if [l.name for l in source.layers] != [l.name for l in target.layers]:
+    raise ValueError(
+        f"convert_state: the placements hold different layers "
+        f"({[l.name for l in source.layers]} vs {[l.name for l in target.layers]}); "
+        "build both from the same registry and skip_layers.")
+  if (source.compute_method, source.eigenvalue_outer_product) != (
+      target.compute_method, target.eigenvalue_outer_product):
+    raise ValueError(
+        "convert_state: source and target differ in compute_method or "
+        "eigenvalue_outer_product; their decompositions are not interchangeable.")
+
+  def convert(node):
+    if not isinstance(node, KaisaState):
+      return node
+    by_layer = _decompositions_by_layer(node, source)
+    if target.num_columns == 1:
+      return node._replace(decompositions={l.name: by_layer[l.name] for l in target.layers},
+                           local_decompositions={})
+    blank = jax.tree.map(jnp.zeros_like, next(iter(by_layer.values())))
+    slots = {}
+    for k, (key, (a_pad, g_pad)) in enumerate(zip(target.slot_names, target.slot_shapes)):
+      per_device = []
+      for device in range(target.num_devices):
+        held = [l for l in target.layers_of_column(target.column_of(device)) if l.slot == k]
+        d = by_layer[held[0].name] if held else blank
+        per_device.append(eigen_lib.resize(d, a_pad, g_pad))
+      # shard_map's global view of a device-local leaf: the devices' blocks stacked on axis 0.
+      slots[key] = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *per_device)
+    return node._replace(decompositions={}, local_decompositions=slots)
+
+  return jax.tree.map(convert, opt_state, is_leaf=lambda x: isinstance(x, KaisaState))
+
+
+def _decompositions_by_layer(state: KaisaState, plan: placement_lib.Placement) -> dict:
+  """Each layer's decomposition at its own size, read from ``plan``'s layout."""
+  if plan.num_columns == 1:
+    if set(state.decompositions) != {l.name for l in plan.layers}:
+      raise ValueError(
+          "convert_state: the state's decompositions do not match the source "
+          f"placement's layers ({sorted(state.decompositions)}).")
+    return dict(state.decompositions)
+  out = {}
+  for l in plan.layers:
+    slot = state.local_decompositions[plan.slot_names[l.slot]]
+    device = plan.columns[l.column][0]
+
+    def block(x):
+      if x.shape[0] % plan.num_devices:
+        raise ValueError(
+            f"convert_state: slot {plan.slot_names[l.slot]!r} has leading size "
+            f"{x.shape[0]}, not a multiple of the source's {plan.num_devices} "
+            "devices; pass the state as shard_map returns it (global arrays).")
+      return x.reshape((plan.num_devices, -1) + x.shape[1:])[device]
+
+    out[l.name] = eigen_lib.resize(jax.tree.map(block, slot), l.a_size, l.g_size)
+  return out
