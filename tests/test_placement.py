@@ -1,4 +1,4 @@
-"""The static KAISA plan: grid layout, greedy assignment, slots and byte counts."""
+"""The static KAISA plan: grid layout, greedy assignment, memory and byte counts."""
 
 from __future__ import annotations
 
@@ -128,18 +128,20 @@ def test_eigen_bytes_fall_with_the_fraction(method, outer, words):
     assert factor_bytes == {8 * (16 * 16 + 15 * 15) * 4}
 
 
-def test_slots_pad_to_the_largest_layer_of_each_slot():
+def test_device_keeps_its_column_packed_to_the_longest_column():
   layers = registry([9, 5, 3], 8)  # (a, g): (9, 9), (10, 5), (6, 3)
-  plan = kaisa_jax.placement(layers, 2, 0.5)
-  for k, (a_pad, g_pad) in enumerate(plan.slot_shapes):
-    held = [l for l in plan.layers if l.slot == k]
-    assert (a_pad, g_pad) == (max(l.a_size for l in held), max(l.g_size for l in held))
-  for j in range(plan.num_columns):
-    slots = [l.slot for l in plan.layers_of_column(j)]
-    assert slots == list(range(len(slots)))
-  assert plan.slot_names == tuple(f"slot_{k}" for k in range(len(plan.slot_shapes)))
-  # One group: the slots are the layers themselves.
-  assert kaisa_jax.placement(layers, 2, 1.0).slot_names == tuple(layers.names)
+  words = lambda a, g: a * a + g * g + g * a
+  for frac in (0.5, 0.25):
+    plan = kaisa_jax.placement(layers, 4, frac)
+    per_column = [sum(words(l.a_size, l.g_size) for l in plan.layers_of_column(j))
+                  for j in range(plan.num_columns)]
+    assert sorted(l.name for j in range(plan.num_columns)
+                  for l in plan.layers_of_column(j)) == sorted(layers.names)
+    assert plan.local_words() == max(per_column)
+    assert {d["eigen_bytes"] for d in plan.device_bytes()} == {4 * max(per_column)}
+  comm = kaisa_jax.placement(layers, 4, 1.0)
+  total = sum(words(l.a_size, l.g_size) for l in layers.layers)
+  assert {d["eigen_bytes"] for d in comm.device_bytes()} == {4 * total}
 
 
 def test_collectives_per_strategy():

@@ -91,19 +91,17 @@ def decompose(f: factors_lib.LayerFactors, damping, method: str, outer: bool,
                   damping, method, outer)
 
 
-def resize(d: Decomposition, a_size: int, g_size: int) -> Decomposition:
-  """``d`` cut or zero-padded to factor sizes (a_size, g_size).
+def decomposition_type(method: str, outer: bool) -> type:
+  """The NamedTuple a layer's decomposition is kept in."""
+  if method == "inverse":
+    return Inverse
+  return EigenOuter if outer else Eigen
 
-  A device keeps each layer of its column in a slot padded to the largest
-  layer of that slot on any device (see placement); the padding is never
-  read.
-  """
-  def fit(x, field):
-    dims = {"a": a_size, "g": g_size}
-    target = tuple(dims[c] for c in _AXES[field])
-    x = x[tuple(slice(0, t) for t in target)]
-    return jnp.pad(x, [(0, t - n) for n, t in zip(x.shape, target)])
-  return type(d)(*(fit(x, field) for x, field in zip(d, d._fields)))
+
+def field_shapes(kind: type, a_size: int, g_size: int) -> list[tuple[int, ...]]:
+  """The shapes of the fields of a ``kind`` decomposition for factor sizes (a, g)."""
+  dims = {"a": a_size, "g": g_size}
+  return [tuple(dims[c] for c in _AXES[field]) for field in kind._fields]
 
 
 # Which factor size each axis of each decomposition field has.

@@ -13,10 +13,10 @@ Layers go to columns greedily, largest decomposition cost first, each to the
 column with the least load; within the column the A and G decompositions go
 to its least loaded device (both to one device with ``colocate_factors``).
 
-A device's eigen data live in "slots": slot k of a device holds the k-th
-layer of its column (largest first), padded to the largest layer any column
-has in slot k, so that every device's state has the same shapes (SPMD) while
-holding only its column's layers.
+With more than one column a device keeps only its column's eigen data, packed
+into one flat buffer; every device's buffer has the length of the largest
+column's (SPMD needs one shape), so a device holds about f of COMM-OPT's
+eigen data, up to that padding.
 """
 
 from __future__ import annotations
@@ -38,14 +38,12 @@ class LayerPlacement:
     name: the layer name.
     a_size, g_size: its factor sizes.
     column: its grad-worker group (index into ``Placement.columns``).
-    slot: its slot on the devices of that column.
     a_worker, g_worker: the devices that decompose A and G.
   """
   name: str
   a_size: int
   g_size: int
   column: int
-  slot: int
   a_worker: int
   g_worker: int
 
@@ -58,14 +56,12 @@ class Placement:
     num_devices: N.
     grad_workers: devices per layer that hold its eigen data (grid rows).
     layers: one ``LayerPlacement`` per layer, in registry order.
-    slot_shapes: per slot, its padded (a_size, g_size).
     compute_method, eigenvalue_outer_product, symmetric_factors,
     factor_itemsize, inv_itemsize: what the byte counts assume.
   """
   num_devices: int
   grad_workers: int
   layers: tuple[LayerPlacement, ...]
-  slot_shapes: tuple[tuple[int, int], ...]
   compute_method: str = "eigen"
   eigenvalue_outer_product: bool = True
   symmetric_factors: bool = True
@@ -92,16 +88,15 @@ class Placement:
     return device % self.num_columns
 
   def layers_of_column(self, column: int) -> tuple[LayerPlacement, ...]:
-    """The column's layers in slot order."""
-    return tuple(sorted((l for l in self.layers if l.column == column),
-                        key=lambda l: l.slot))
+    """The column's layers, in registry order (their order in the packed buffer)."""
+    return tuple(l for l in self.layers if l.column == column)
 
-  @property
-  def slot_names(self) -> tuple[str, ...]:
-    """State keys of the slots: the layer names when there is one column."""
-    if self.num_columns == 1:
-      return tuple(l.name for l in self.layers_of_column(0))
-    return tuple(f"slot_{k}" for k in range(len(self.slot_shapes)))
+  def local_words(self) -> int:
+    """Length of a device's packed eigen data (the largest column's), with several columns."""
+    per_column = [0] * self.num_columns
+    for l in self.layers:
+      per_column[l.column] += self.stored_words(l.a_size, l.g_size)
+    return max(per_column)
 
   # ------------------------------------------------------------- byte counts
 
@@ -112,7 +107,7 @@ class Placement:
     """Words one factor's decomposition sends: eigenvectors (+ values) or inverse."""
     return n * n + (n if self.compute_method == "eigen" else 0)
 
-  def _stored_words(self, a: int, g: int) -> int:
+  def stored_words(self, a: int, g: int) -> int:
     """Words a layer's decomposition keeps in the state."""
     if self.compute_method == "inverse":
       return a * a + g * g
@@ -136,9 +131,13 @@ class Placement:
     return max(per_column)
 
   def device_bytes(self) -> list[dict]:
-    """Per device: bytes of factors and of eigen data (slots) in its state."""
+    """Per device: bytes of the factors and of the eigen data in its state."""
     factors = sum(l.a_size ** 2 + l.g_size ** 2 for l in self.layers) * self.factor_itemsize
-    eigen = sum(self._stored_words(a, g) for a, g in self.slot_shapes) * self.inv_itemsize
+    if self.num_columns == 1:
+      eigen = sum(self.stored_words(l.a_size, l.g_size) for l in self.layers)
+    else:
+      eigen = self.local_words()
+    eigen *= self.inv_itemsize
     return [{"device": d, "factor_bytes": factors, "eigen_bytes": eigen}
             for d in range(self.num_devices)]
 
@@ -189,10 +188,10 @@ class Placement:
     strategy = ("COMM-OPT" if c == 1 else "MEM-OPT" if self.grad_workers == 1 else "HYBRID-OPT")
     lines = [f"KAISA placement: {self.num_devices} devices, {self.grad_workers} grad "
              f"worker(s) per layer ({strategy}), {c} grad-worker group(s)"]
-    rows = [("layer", "A size", "G size", "A worker", "G worker", "grad workers", "slot")]
+    rows = [("layer", "A size", "G size", "A worker", "G worker", "grad workers")]
     for l in self.layers:
       rows.append((l.name, str(l.a_size), str(l.g_size), str(l.a_worker), str(l.g_worker),
-                   ",".join(map(str, self.columns[l.column])), str(l.slot)))
+                   ",".join(map(str, self.columns[l.column]))))
     lines += _format(rows)
     lines.append("")
     rows = [("device", "factor bytes", "eigen bytes", "decomposes")]
@@ -256,7 +255,6 @@ def plan(layers: Sequence[layers_lib.Layer], num_devices: int, grad_worker_frac:
   power = 3 if cost_model == "compute" else 2
   cost = lambda n: float(n) ** power
   load = [0.0] * num_devices
-  column_of_device = lambda d: d % columns
   members = [list(range(j, num_devices, columns)) for j in range(columns)]
   # Largest first; ties in registry order, so the plan is deterministic.
   order = sorted(range(len(layers)),
@@ -277,23 +275,9 @@ def plan(layers: Sequence[layers_lib.Layer], num_devices: int, grad_worker_frac:
         workers[which] = least()
         load[workers[which]] += cost(n)
       a_worker, g_worker = workers["a"], workers["g"]
-    assert column_of_device(a_worker) == column == column_of_device(g_worker)
     assigned[i] = (column, a_worker, g_worker)
-  # Slots: within a column, largest (by stored size) first.
-  slots, slot_shapes = {}, []
-  for j in range(columns):
-    mine = sorted((i for i in assigned if assigned[i][0] == j),
-                  key=lambda i: (-(layers[i].a_size * layers[i].g_size), i))
-    for k, i in enumerate(mine):
-      slots[i] = k
-      if k == len(slot_shapes):
-        slot_shapes.append((0, 0))
-      a, g = slot_shapes[k]
-      slot_shapes[k] = (max(a, layers[i].a_size), max(g, layers[i].g_size))
-  placed = tuple(
-      LayerPlacement(l.name, l.a_size, l.g_size, assigned[i][0], slots[i],
-                     assigned[i][1], assigned[i][2])
-      for i, l in enumerate(layers))
-  return Placement(num_devices, grad_workers, placed, tuple(slot_shapes), compute_method,
+  placed = tuple(LayerPlacement(l.name, l.a_size, l.g_size, *assigned[i])
+                 for i, l in enumerate(layers))
+  return Placement(num_devices, grad_workers, placed, compute_method,
                    bool(eigenvalue_outer_product), bool(symmetric_factors),
                    factor_itemsize, inv_itemsize)

@@ -52,10 +52,11 @@ class KaisaState(NamedTuple):
       every layer's eigen data (one device, or ``grad_worker_frac=1``),
       else empty.
     local_decompositions: with ``grad_worker_frac < 1`` on several devices,
-      this device's eigen data: per slot ('slot_0', ...), the decomposition
-      of the slot's layer in this device's grad-worker group, zero-padded
-      (see ``kaisa_jax.placement``); different on every group, so shard it
-      over the devices (``kaisa_jax.state_specs``). Else empty.
+      this device's eigen data: the decompositions of the layers of its
+      grad-worker group, packed into one vector whose length is that of the
+      largest group's (see ``kaisa_jax.placement``); different on every
+      group, so shard it over the devices (``kaisa_jax.state_specs``). Else
+      None.
     skipped_factor_updates: int32, factor steps skipped because a capture or
       gradient was not finite (the previous factors were kept).
     rejected_decompositions: int32, layer decompositions that came out not
@@ -66,7 +67,7 @@ class KaisaState(NamedTuple):
   step: jax.Array
   factors: dict
   decompositions: dict
-  local_decompositions: dict
+  local_decompositions: Optional[jax.Array]
   skipped_factor_updates: jax.Array
   rejected_decompositions: jax.Array
   accumulation: Optional[AccumulationState]
@@ -317,11 +318,15 @@ def kaisa(
     damping0 = _value(damping, step)
     identity = lambda a, g: eigen_lib.identity_decomposition(
         a, g, damping0, compute_method, outer, inv_dtype)
-    decompositions, local = {}, {}
+    decompositions, local = {}, None
     if plan.num_columns == 1:
       decompositions = {l.name: identity(l.a_size, l.g_size) for l in active}
     else:
-      local = {name: identity(*shape) for name, shape in zip(plan.slot_names, plan.slot_shapes)}
+      local = switch(device_index() % plan.num_columns, [
+          functools.partial(lambda j: _pack_column(
+              plan, j, {l.name: identity(l.a_size, l.g_size) for l in plan.layers_of_column(j)},
+              inv_dtype), j)
+          for j in range(plan.num_columns)])
     accumulation = None
     if accumulation_steps > 1:
       accumulation = AccumulationState(
@@ -413,25 +418,22 @@ def kaisa(
         parts[(name, which)] = tuple(pieces[i * per_part:(i + 1) * per_part])
     return parts
 
-  def store_key(plan, l) -> str:
-    return plan.slot_names[l.slot] if plan.num_columns > 1 else l.name
-
   def decompose_all(plan, factors, store, damping_t):
     """New decompositions for the layers this device holds; (store, rejected)."""
     n = plan.num_devices
     me = device_index()
 
     def install(column, parts, store):
-      store, rejected = dict(store), jnp.zeros([], jnp.int32)
+      held = store if plan.num_columns == 1 else _unpack_column(plan, column, store)
+      new, rejected = {}, jnp.zeros([], jnp.int32)
       for l in plan.layers_of_column(column):
-        key = store_key(plan, l)
-        new = eigen_lib.assemble(parts[(l.name, "a")], parts[(l.name, "g")], damping_t,
-                                 compute_method, outer)
-        old = eigen_lib.resize(store[key], l.a_size, l.g_size)
-        kept, bad = eigen_lib.keep_if_finite(new, old)
-        store[key] = eigen_lib.resize(kept, *store_shape(plan, l))
+        d = eigen_lib.assemble(parts[(l.name, "a")], parts[(l.name, "g")], damping_t,
+                               compute_method, outer)
+        new[l.name], bad = eigen_lib.keep_if_finite(d, held[l.name])
         rejected = rejected + bad.astype(jnp.int32)
-      return store, rejected
+      if plan.num_columns == 1:
+        return new, rejected
+      return _pack_column(plan, column, new, inv_dtype), rejected
 
     if plan.grad_workers == 1:
       # The column's only device decomposes everything the column holds.
@@ -454,15 +456,12 @@ def kaisa(
       rejected = lax.psum(jnp.where(me < plan.num_columns, rejected, 0), axis_name)
     return store, rejected
 
-  def store_shape(plan, l):
-    return plan.slot_shapes[l.slot] if plan.num_columns > 1 else (l.a_size, l.g_size)
-
   def precondition_all(plan, store, grad_mats, damping_t) -> dict:
     """Every layer's preconditioned gradient, on every device."""
     def column(j, store):
-      return {l.name: eigen_lib.precondition(
-          eigen_lib.resize(store[store_key(plan, l)], l.a_size, l.g_size),
-          grad_mats[l.name], damping_t) for l in plan.layers_of_column(j)}
+      held = store if plan.num_columns == 1 else _unpack_column(plan, j, store)
+      return {l.name: eigen_lib.precondition(held[l.name], grad_mats[l.name], damping_t)
+              for l in plan.layers_of_column(j)}
 
     if plan.num_columns == 1:
       return column(0, store)
@@ -669,7 +668,7 @@ def state_specs(opt_state, axis_name: Hashable):
 
   def spec(node):
     if isinstance(node, KaisaState):
-      specs = jax.tree.map(lambda _: replicated, node._replace(local_decompositions={}))
+      specs = jax.tree.map(lambda _: replicated, node._replace(local_decompositions=None))
       return specs._replace(
           local_decompositions=jax.tree.map(lambda _: sharded, node.local_decompositions))
     return replicated
@@ -684,7 +683,7 @@ def convert_state(opt_state, source: placement_lib.Placement,
   A state saved from a run on N devices (the global arrays of a shard_map
   run, or a single-device state) restores into a run on M devices once its
   device-local eigen data are laid out for M: each layer's latest
-  decomposition moves to the slots of its new grad-worker group, so that
+  decomposition moves to the devices of its new grad-worker group, so that
   training continues with the same numbers as an uninterrupted run. The
   factors, counters and accumulation sums are the same on every device and
   pass through unchanged.
@@ -723,42 +722,52 @@ def convert_state(opt_state, source: placement_lib.Placement,
     by_layer = _decompositions_by_layer(node, source)
     if target.num_columns == 1:
       return node._replace(decompositions={l.name: by_layer[l.name] for l in target.layers},
-                           local_decompositions={})
-    blank = jax.tree.map(jnp.zeros_like, next(iter(by_layer.values())))
-    slots = {}
-    for k, (key, (a_pad, g_pad)) in enumerate(zip(target.slot_names, target.slot_shapes)):
-      per_device = []
-      for device in range(target.num_devices):
-        held = [l for l in target.layers_of_column(target.column_of(device)) if l.slot == k]
-        d = by_layer[held[0].name] if held else blank
-        per_device.append(eigen_lib.resize(d, a_pad, g_pad))
-      # shard_map's global view of a device-local leaf: the devices' blocks stacked on axis 0.
-      slots[key] = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *per_device)
-    return node._replace(decompositions={}, local_decompositions=slots)
+                           local_decompositions=None)
+    dtype = jax.tree.leaves(by_layer)[0].dtype
+    # shard_map's global view of a device-local leaf: the devices' blocks end to end.
+    local = jnp.concatenate([
+        _pack_column(target, target.column_of(d), by_layer, dtype)
+        for d in range(target.num_devices)])
+    return node._replace(decompositions={}, local_decompositions=local)
 
   return jax.tree.map(convert, opt_state, is_leaf=lambda x: isinstance(x, KaisaState))
 
 
+def _pack_column(plan: placement_lib.Placement, column: int, decompositions: dict,
+                 dtype) -> jax.Array:
+  """A device's eigen data: its column's decompositions packed, padded to the longest column."""
+  leaves = [x for l in plan.layers_of_column(column) for x in decompositions[l.name]]
+  return collectives.pad_to(collectives.pack(leaves, dtype), plan.local_words())
+
+
+def _unpack_column(plan: placement_lib.Placement, column: int, packed: jax.Array) -> dict:
+  """The inverse of ``_pack_column``: {layer name: decomposition}."""
+  kind = eigen_lib.decomposition_type(plan.compute_method, plan.eigenvalue_outer_product)
+  held = plan.layers_of_column(column)
+  pieces = collectives.unpack(
+      packed, [s for l in held for s in eigen_lib.field_shapes(kind, l.a_size, l.g_size)])
+  k = len(kind._fields)
+  return {l.name: kind(*pieces[i * k:(i + 1) * k]) for i, l in enumerate(held)}
+
+
 def _decompositions_by_layer(state: KaisaState, plan: placement_lib.Placement) -> dict:
-  """Each layer's decomposition at its own size, read from ``plan``'s layout."""
+  """Each layer's decomposition, read from ``plan``'s layout."""
   if plan.num_columns == 1:
     if set(state.decompositions) != {l.name for l in plan.layers}:
       raise ValueError(
           "convert_state: the state's decompositions do not match the source "
           f"placement's layers ({sorted(state.decompositions)}).")
     return dict(state.decompositions)
+  local = state.local_decompositions
+  width = plan.local_words()
+  if local is None or local.shape != (plan.num_devices * width,):
+    raise ValueError(
+        f"convert_state: local_decompositions has shape "
+        f"{None if local is None else local.shape}, the source placement needs "
+        f"({plan.num_devices * width},): pass the state as shard_map returns it "
+        "(global arrays) with the placement of that run.")
+  blocks = local.reshape(plan.num_devices, width)
   out = {}
-  for l in plan.layers:
-    slot = state.local_decompositions[plan.slot_names[l.slot]]
-    device = plan.columns[l.column][0]
-
-    def block(x):
-      if x.shape[0] % plan.num_devices:
-        raise ValueError(
-            f"convert_state: slot {plan.slot_names[l.slot]!r} has leading size "
-            f"{x.shape[0]}, not a multiple of the source's {plan.num_devices} "
-            "devices; pass the state as shard_map returns it (global arrays).")
-      return x.reshape((plan.num_devices, -1) + x.shape[1:])[device]
-
-    out[l.name] = eigen_lib.resize(jax.tree.map(block, slot), l.a_size, l.g_size)
+  for j, members in enumerate(plan.columns):
+    out.update(_unpack_column(plan, j, blocks[members[0]]))
   return out
