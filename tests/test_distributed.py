@@ -111,9 +111,10 @@ def run_pmap(layers, method, num_devices, frac):
   return trajectory
 
 
-def run_shard_map(layers, method, num_devices, frac, check_vma):
+def run_shard_map(layers, method, num_devices, frac, check_vma, mesh=None):
   opt = make_opt(layers, method, axis_name=AXIS, grad_worker_frac=frac)
-  mesh = Mesh(np.array(jax.devices()[:num_devices]), (AXIS,))
+  if mesh is None:
+    mesh = Mesh(np.array(jax.devices()[:num_devices]), (AXIS,))
   params = initial_params()
   abstract = jax.eval_shape(
       jax.shard_map(opt.init, mesh=mesh, in_specs=P(), out_specs=P(), check_vma=False), params)
@@ -165,6 +166,17 @@ def test_shard_map_matches_single_device(layers, single, method, num_devices, fr
   # JAX's grouped collectives need check_vma=False; the others run with the default.
   trajectory = run_shard_map(layers, method, num_devices, frac, check_vma=not hybrid)
   assert_trajectories_close(trajectory, single[method])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("frac", [1 / 4, 1 / 2, 1.0])
+def test_shard_map_over_the_data_axis_of_a_2d_mesh(layers, single, frac):
+  # 4 data-parallel devices x 2 along a second axis that holds replicas:
+  # KAISA works along the data axis only.
+  mesh = Mesh(np.array(jax.devices()).reshape(4, 2), (AXIS, "model"))
+  hybrid = frac == 1 / 2
+  trajectory = run_shard_map(layers, "eigen", 4, frac, check_vma=not hybrid, mesh=mesh)
+  assert_trajectories_close(trajectory, single["eigen"])
 
 
 # ---------------------------------------------------------------------------
