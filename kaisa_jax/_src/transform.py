@@ -260,8 +260,8 @@ def kaisa(
     ``kaisa_jax.value_and_grad``. Works under ``jax.jit``; with
     ``optax.inject_hyperparams`` put ``factor_update_steps``,
     ``inv_update_steps``, ``accumulation_steps`` and ``grad_worker_frac`` in
-    ``static_args`` (and
-    dtypes, when given as dtype objects rather than names).
+    ``static_args`` (and dtypes, when given as dtype objects rather than
+    names).
 
   Example:
     >>> layers = kaisa_jax.find_layers(loss_fn, params, x, y)
