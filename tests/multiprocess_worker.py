@@ -5,25 +5,29 @@ Usage: multiprocess_worker.py PROCESS_ID PORT OUT_DIR
 Joins a 2-process JAX job (4 CPU devices here, 8 in all) coordinated on
 127.0.0.1:PORT, trains the model of test_distributed.py with KAISA inside a
 ``jax.shard_map`` over the 8 global devices for every (compute_method,
-grad_worker_frac) in CASES, and writes this process's copy of the parameters
+grad_worker_frac) in METHODS x FRACTIONS, and writes this process's copy of the parameters
 after every step to OUT_DIR/params_<PROCESS_ID>.npz, one key per
 (method, fraction, step, leaf index in ``jax.tree.leaves`` order).
 
-Not a test module (pytest does not collect it): the test starts two of these.
+Not a test module (pytest does not collect it): the test starts two of these
+and imports the constants below.
 """
 
 import os
 import re
 import sys
 
-# Four devices per process, and only the CPU backend. The parent pytest process
-# (conftest.py) asks for 8 devices and the child inherits its XLA_FLAGS, so the
-# count is replaced, not appended to. This must happen before jax is imported,
-# which includes importing test_distributed below.
-_FLAG = "--xla_force_host_platform_device_count"
-os.environ["XLA_FLAGS"] = (re.sub(_FLAG + r"=\d+", "", os.environ.get("XLA_FLAGS", ""))
-                           + f" {_FLAG}=4").strip()
-os.environ["JAX_PLATFORMS"] = "cpu"
+if __name__ == "__main__":
+  # Four devices per process, and only the CPU backend. The parent pytest
+  # process (conftest.py) asks for 8 devices and the child inherits its
+  # XLA_FLAGS, so the count is replaced, not appended to. This must happen
+  # before jax is imported, which includes importing test_distributed below;
+  # and only when run as a worker: the test imports this module's constants
+  # and must keep its own 8 devices.
+  _FLAG = "--xla_force_host_platform_device_count"
+  os.environ["XLA_FLAGS"] = (re.sub(_FLAG + r"=\d+", "", os.environ.get("XLA_FLAGS", ""))
+                             + f" {_FLAG}=4").strip()
+  os.environ["JAX_PLATFORMS"] = "cpu"
 
 # The model, loss, batches and optimizer are test_distributed's, so the
 # single-process reference computed by the test trains exactly the same thing.
@@ -116,7 +120,10 @@ def main():
 
   # All 8 devices, in the same order on both processes (jax.devices() is
   # global and sorted), so mesh position i is the same device everywhere.
+  # Process 0 holds positions 0-3: the layout FRACTIONS' comment relies on.
   mesh = Mesh(np.array(jax.devices()), (AXIS,))
+  owners = [device.process_index for device in mesh.devices]
+  assert owners == [0] * LOCAL_DEVICES + [1] * LOCAL_DEVICES, owners
   x, y = next(batches())
   layers = kaisa_jax.find_layers(loss_fn, initial_params(), x, y)
 
