@@ -154,13 +154,13 @@ def test_collectives_per_strategy():
 
   comm = kinds(kaisa_jax.placement(layers, 4, 1.0))
   assert comm[("factor step", "all-reduce", "batch")]["bytes"] == factor_bytes
-  gather = comm[("decomposition step", "all-reduce", "decompositions")]
+  gather = comm[("decomposition step", "all-gather", "decompositions")]
   assert gather["group_size"] == 4
   assert not any(k[2] == "preconditioned" for k in comm)
 
   mem = kinds(kaisa_jax.placement(layers, 4, 0.25))
   assert not any(k[2] == "decompositions" for k in mem)
-  grads = mem[("every step", "all-reduce", "preconditioned")]
+  grads = mem[("every step", "all-gather", "preconditioned")]
   assert grads["bytes"] == 4 * max(9 * 9, 10 * 5) * 4  # (N, widest column) float32
 
   hybrid = kinds(kaisa_jax.placement(layers, 4, 0.5, symmetric_factors=False))

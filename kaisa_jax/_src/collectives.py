@@ -94,23 +94,28 @@ def pad_to(buffer: jax.Array, length: int) -> jax.Array:
 
 
 def gather_within(buffer: jax.Array, axis_name, groups: Sequence[Sequence[int]]) -> jax.Array:
-  """Every device gets the ``buffer`` of each member of its group.
+  """Every device gets the ``buffer`` of each member of its group (an all-gather).
 
   ``groups`` partition the devices into equal groups, each listed in
   increasing device order. Returns (group size, length): row r holds the
   buffer of the r-th member of the caller's group.
 
-  One group of every device: an all-reduce of a (N, length) buffer that
-  holds each device's own row, so that the result is the same on every
-  device in JAX's eyes too (invariant: shard_map may return it replicated;
-  an all-gather's result is typed per-device). Smaller groups: an all-gather
-  with ``axis_index_groups`` (per-device result).
+  Over all devices under shard_map's checked mode, the result must be typed
+  as replicated (shard_map may then return it with ``P()``): JAX >= 0.10
+  says so with ``to="invarying"``; older versions get an all-reduce of an
+  (N, length) buffer holding each device's row, the same result at several
+  times the cost. Within smaller groups the result is per-device.
   """
   size = len(groups[0])
   if size == 1:
     return buffer[None]
-  if len(groups) == 1:
+  if len(groups) > 1:
+    return lax.all_gather(buffer, axis_name, axis_index_groups=[list(g) for g in groups])
+  if axis_name not in varying_axes(lax.axis_index(axis_name)):
+    return lax.all_gather(buffer, axis_name)
+  try:
+    return lax.all_gather(buffer, axis_name, to="invarying")
+  except ValueError:  # jax < 0.10: no "invarying" all-gather
     me = lax.axis_index(axis_name)
     rows = jnp.zeros((size,) + buffer.shape, buffer.dtype)
     return lax.psum(lax.dynamic_update_index_in_dim(rows, buffer, me, 0), axis_name)
-  return lax.all_gather(buffer, axis_name, axis_index_groups=[list(g) for g in groups])

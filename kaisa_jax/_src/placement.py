@@ -150,10 +150,10 @@ class Placement:
     'every step': the all-reduce of the gradients (``registered_bytes``: the
     registered layers' share; the other parameters add theirs) and the
     gathering of the preconditioned gradients within each receiver group
-    (none with one group). A gathering over all N devices is an all-reduce
-    of an (N, width) buffer holding each device's row, so that its result is
-    replicated in shard_map's eyes; within smaller groups it is an
-    all-gather.
+    (none with one group). Gatherings are all-gathers (result: group size x
+    the longest device's buffer); under shard_map's checked mode on jax <
+    0.10 a gathering over all N devices is an all-reduce of the same result
+    size instead (see ``collectives.gather_within``).
     """
     n = self.num_devices
     if n == 1:
@@ -168,8 +168,7 @@ class Placement:
                          for l in self.layers) * self.factor_itemsize}]
 
     def gathering(step, what, group_size, width):
-      op = "all-reduce" if group_size == n else "all-gather"
-      return {"step": step, "op": op, "what": what, "group_size": group_size,
+      return {"step": step, "op": "all-gather", "what": what, "group_size": group_size,
               "bytes": group_size * width * self.inv_itemsize}
 
     if self.grad_workers > 1:
