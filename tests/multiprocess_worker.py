@@ -39,7 +39,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 
 import kaisa_jax  # noqa: E402
 from test_distributed import (AXIS, batches, initial_params, loss_fn, make_opt,  # noqa: E402
-                              train_step)
+                              shard_map_program)
 
 NUM_PROCESSES = 2
 LOCAL_DEVICES = 4
@@ -84,15 +84,8 @@ def train(layers, mesh, method, frac):
   # JAX's grouped collectives (HYBRID only) need check_vma=False.
   check_vma = not 1 < grad_workers < mesh.size
   opt = make_opt(layers, method, axis_name=AXIS, grad_worker_frac=frac)
+  init, step = shard_map_program(opt, mesh, check_vma)
   params = initial_params()
-  abstract = jax.eval_shape(
-      jax.shard_map(opt.init, mesh=mesh, in_specs=P(), out_specs=P(), check_vma=False), params)
-  specs = kaisa_jax.state_specs(abstract, AXIS)
-  init = jax.jit(jax.shard_map(opt.init, mesh=mesh, in_specs=P(), out_specs=specs,
-                               check_vma=check_vma))
-  step = jax.jit(jax.shard_map(train_step(opt), mesh=mesh,
-                               in_specs=(P(), specs, P(AXIS), P(AXIS)),
-                               out_specs=(P(), specs), check_vma=check_vma))
   replicated = NamedSharding(mesh, P())
   split = NamedSharding(mesh, P(AXIS))
   params = jax.tree.map(lambda a: global_array(a, replicated), params)

@@ -111,19 +111,29 @@ def run_pmap(layers, method, num_devices, frac):
   return trajectory
 
 
-def run_shard_map(layers, method, num_devices, frac, check_vma, mesh=None):
-  opt = make_opt(layers, method, axis_name=AXIS, grad_worker_frac=frac)
-  if mesh is None:
-    mesh = Mesh(np.array(jax.devices()[:num_devices]), (AXIS,))
-  params = initial_params()
+def shard_map_program(opt, mesh, check_vma):
+  """(init, step) of ``opt`` in jit(shard_map) over ``mesh``'s data axis."""
   abstract = jax.eval_shape(
-      jax.shard_map(opt.init, mesh=mesh, in_specs=P(), out_specs=P(), check_vma=False), params)
+      jax.shard_map(opt.init, mesh=mesh, in_specs=P(), out_specs=P(), check_vma=False),
+      initial_params())
   specs = kaisa_jax.state_specs(abstract, AXIS)
   init = jax.jit(jax.shard_map(opt.init, mesh=mesh, in_specs=P(), out_specs=specs,
                                check_vma=check_vma))
   step = jax.jit(jax.shard_map(train_step(opt), mesh=mesh,
                                in_specs=(P(), specs, P(AXIS), P(AXIS)),
                                out_specs=(P(), specs), check_vma=check_vma))
+  return init, step
+
+
+def data_mesh(num_devices):
+  return Mesh(np.array(jax.devices()[:num_devices]), (AXIS,))
+
+
+def run_shard_map(layers, method, num_devices, frac, check_vma, mesh=None):
+  opt = make_opt(layers, method, axis_name=AXIS, grad_worker_frac=frac)
+  init, step = shard_map_program(
+      opt, mesh if mesh is not None else data_mesh(num_devices), check_vma)
+  params = initial_params()
   state = init(params)
   trajectory = []
   for x, y in batches():
@@ -205,18 +215,10 @@ def test_collective_bytes_match_the_plan(layers, method, frac):
   num_devices = 8
   opt = optax.chain(kaisa_jax.kaisa(layers, compute_method=method, axis_name=AXIS,
                                     grad_worker_frac=frac), optax.sgd(LR))
-  mesh = Mesh(np.array(jax.devices()[:num_devices]), (AXIS,))
+  init, step = shard_map_program(opt, data_mesh(num_devices), check_vma=False)
   params = initial_params()
-  abstract = jax.eval_shape(
-      jax.shard_map(opt.init, mesh=mesh, in_specs=P(), out_specs=P(), check_vma=False), params)
-  specs = kaisa_jax.state_specs(abstract, AXIS)
-  step = jax.jit(jax.shard_map(train_step(opt), mesh=mesh,
-                               in_specs=(P(), specs, P(AXIS), P(AXIS)),
-                               out_specs=(P(), specs), check_vma=False))
-  state = jax.eval_shape(jax.shard_map(opt.init, mesh=mesh, in_specs=P(), out_specs=specs,
-                                       check_vma=False), params)
   x, y = next(batches())
-  hlo = step.lower(params, state, x, y).compile().as_text()
+  hlo = step.lower(params, jax.eval_shape(init, params), x, y).compile().as_text()
 
   plan = kaisa_jax.placement(layers, num_devices, frac, compute_method=method)
   param_bytes = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(params))
@@ -234,17 +236,7 @@ def test_collective_bytes_match_the_plan(layers, method, frac):
 def shard_map_runner(layers, num_devices, frac, **kwargs):
   """(init, step) of a shard_map run on the first ``num_devices`` devices."""
   opt = make_opt(layers, "eigen", axis_name=AXIS, grad_worker_frac=frac, **kwargs)
-  mesh = Mesh(np.array(jax.devices()[:num_devices]), (AXIS,))
-  abstract = jax.eval_shape(
-      jax.shard_map(opt.init, mesh=mesh, in_specs=P(), out_specs=P(), check_vma=False),
-      initial_params())
-  specs = kaisa_jax.state_specs(abstract, AXIS)
-  init = jax.jit(jax.shard_map(opt.init, mesh=mesh, in_specs=P(), out_specs=specs,
-                               check_vma=False))
-  step = jax.jit(jax.shard_map(train_step(opt), mesh=mesh,
-                               in_specs=(P(), specs, P(AXIS), P(AXIS)),
-                               out_specs=(P(), specs), check_vma=False))
-  return init, step
+  return shard_map_program(opt, data_mesh(num_devices), check_vma=False)
 
 
 def save_and_restore(tree, path):
