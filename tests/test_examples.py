@@ -34,3 +34,16 @@ def test_digits_quick(tmp_path):
   assert summarized == {(m, o) for m in MODELS for o in OPTIMIZERS}
   for row in report["summary"]:
     assert math.isfinite(row["final_train_loss"])
+
+
+@pytest.mark.slow
+def test_data_parallel_every_strategy_matches_one_device():
+  result = subprocess.run(
+      [sys.executable, os.path.join("examples", "data_parallel.py"), "--steps", "6"],
+      cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  rows = [line for line in result.stdout.splitlines() if line.startswith("8 devices")]
+  assert len(rows) == 8  # pmap and shard_map for each of the four fractions
+  for row in rows:
+    distance = float(row.split()[6])  # "params vs 1 device"
+    assert distance <= 1e-5, row

@@ -180,6 +180,9 @@ def test_table_shows_layers_devices_and_collectives():
   assert "eigen bytes" in text and "all-gather" in text
   assert "COMM-OPT" in str(kaisa_jax.placement(layers, 4, 1.0))
   assert "MEM-OPT" in str(kaisa_jax.placement(layers, 4, 0.25))
+  strategies = [kaisa_jax.placement(layers, 4, f).strategy for f in (0.25, 0.5, 1.0)]
+  assert strategies == ["MEM-OPT", "HYBRID-OPT", "COMM-OPT"]
+  assert kaisa_jax.placement(layers, 1, 1.0).strategy == "COMM-OPT"
 
 
 def test_skip_layers_leave_the_plan():

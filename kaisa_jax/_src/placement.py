@@ -84,6 +84,14 @@ class Placement:
     c = self.num_columns
     return tuple(tuple(range(i * c, (i + 1) * c)) for i in range(self.grad_workers))
 
+  @property
+  def strategy(self) -> str:
+    """'COMM-OPT' (one group: every device holds everything), 'MEM-OPT' (one
+    grad worker per layer) or 'HYBRID-OPT'; a single device counts as COMM-OPT."""
+    if self.num_columns == 1:
+      return "COMM-OPT"
+    return "MEM-OPT" if self.grad_workers == 1 else "HYBRID-OPT"
+
   def column_of(self, device: int) -> int:
     return device % self.num_columns
 
@@ -184,9 +192,8 @@ class Placement:
   def table(self) -> str:
     """The plan as text: per layer, per device, per collective."""
     c = self.num_columns
-    strategy = ("COMM-OPT" if c == 1 else "MEM-OPT" if self.grad_workers == 1 else "HYBRID-OPT")
     lines = [f"KAISA placement: {self.num_devices} devices, {self.grad_workers} grad "
-             f"worker(s) per layer ({strategy}), {c} grad-worker group(s)"]
+             f"worker(s) per layer ({self.strategy}), {c} grad-worker group(s)"]
     rows = [("layer", "A size", "G size", "A worker", "G worker", "grad workers")]
     for l in self.layers:
       rows.append((l.name, str(l.a_size), str(l.g_size), str(l.a_worker), str(l.g_worker),
