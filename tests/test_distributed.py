@@ -93,8 +93,8 @@ def run_single(layers, method, **kwargs):
   return trajectory
 
 
-def run_pmap(layers, method, num_devices, frac):
-  opt = make_opt(layers, method, axis_name=AXIS, grad_worker_frac=frac)
+def run_pmap(layers, method, num_devices, frac, **kwargs):
+  opt = make_opt(layers, method, axis_name=AXIS, grad_worker_frac=frac, **kwargs)
   devices = jax.devices()[:num_devices]
   replicate = lambda tree: jax.tree.map(lambda a: jnp.stack([a] * num_devices), tree)
   params = replicate(initial_params())
@@ -176,6 +176,14 @@ def test_shard_map_matches_single_device(layers, single, method, num_devices, fr
   # JAX's grouped collectives need check_vma=False; the others run with the default.
   trajectory = run_shard_map(layers, method, num_devices, frac, check_vma=not hybrid)
   assert_trajectories_close(trajectory, single[method])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("num_devices, frac", [(4, 1 / 2), (8, 1 / 8)])
+def test_per_example_g_scaling_does_not_depend_on_device_count(layers, num_devices, frac):
+  expected = run_single(layers, "eigen", g_factor_scaling="per_example")
+  actual = run_pmap(layers, "eigen", num_devices, frac, g_factor_scaling="per_example")
+  assert_trajectories_close(actual, expected)
 
 
 @pytest.mark.slow

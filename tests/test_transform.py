@@ -204,8 +204,10 @@ class KfacOracle:
 
   def __init__(self, layers=tuple(MLP_LAYERS), *, damping, factor_decay, kl_clip,
                learning_rate, factor_update_steps=1, inv_update_steps=1,
-               compute_method="eigen", eigenvalue_outer_product=True):
+               compute_method="eigen", eigenvalue_outer_product=True,
+               g_factor_scaling="loss"):
     self.names = tuple(layers)
+    self.per_example = g_factor_scaling == "per_example"
     self.damping, self.decay = damping, factor_decay
     self.kl_clip, self.learning_rate = kl_clip, learning_rate
     self.factor_every, self.inv_every = factor_update_steps, inv_update_steps
@@ -234,6 +236,8 @@ class KfacOracle:
         self.identity_weight *= decay
         for n in self.names:
           a, g = rows[n]
+          if self.per_example:  # the gradients of each example's own loss
+            g = g * g.shape[0]
           a_old, g_old = self.factors[n]
           self.factors[n] = (decay * a_old + (1 - decay) * (a.T @ a) / a.shape[0],
                              decay * g_old + (1 - decay) * (g.T @ g) / g.shape[0])
@@ -398,6 +402,41 @@ def test_update_matches_oracle_over_steps(mlp_layers, method, outer):
   assert int(state.rejected_decompositions) == 0
   # The KL clip was active on some steps and not on others.
   assert min(nus) < 0.8 and max(nus) == 1.0, nus
+
+
+def test_per_example_g_scaling_matches_oracle_over_steps(mlp_layers):
+  hp = dict(damping=0.03, factor_decay=0.6, factor_update_steps=2,
+            inv_update_steps=3, kl_clip=1e-3, learning_rate=0.1)
+  tx = kaisa_jax.kaisa(mlp_layers, g_factor_scaling="per_example", **hp)
+  oracle = KfacOracle(g_factor_scaling="per_example", **hp)
+  step = jitted_kfac_step(tx)
+  params = mlp_params(3)
+  state = tx.init(params)
+  rng = np.random.default_rng(4)
+  for _ in range(5):
+    x, y = mlp_batch(rng)
+    _, updates, state = step(params, state, x, y)
+    assert_close(updates, oracle.update(params, x, y))
+    check_factors(state.factors, oracle)
+    params = jax.tree.map(lambda p, u: p - 0.1 * u, params, updates)
+
+
+@pytest.mark.parametrize("scaling,g_ratio", [("loss", 1 / 4), ("per_example", 1.0)])
+def test_g_factor_of_a_doubled_batch(mlp_layers, scaling, g_ratio):
+  # The same examples twice: a mean loss halves every output gradient. Per-example
+  # G does not notice; the reference's G drops to a quarter. A never changes.
+  tx = kaisa_jax.kaisa(mlp_layers, factor_decay=0.5, g_factor_scaling=scaling)
+  step = jitted_kfac_step(tx)
+  params = mlp_params(5)
+  x, y = mlp_batch(np.random.default_rng(6))
+  twice = lambda v: np.concatenate([v, v])
+  _, _, once_state = step(params, tx.init(params), x, y)
+  _, _, twice_state = step(params, tx.init(params), twice(x), twice(y))
+  for n in MLP_LAYERS:
+    (a1, g1), (a2, g2) = without_identity(once_state.factors[n], 0.5), \
+        without_identity(twice_state.factors[n], 0.5)
+    assert_close(a2, a1)
+    assert_close(g2, g_ratio * g1)
 
 
 # ---------------------------------------------------------------------------
@@ -616,8 +655,10 @@ def test_accumulation_emits_zeros_then_the_big_batch_update(mlp_layers):
   check_factors(state.factors, oracle)
 
 
-@pytest.mark.parametrize("model", ["mlp", pytest.param("conv", marks=pytest.mark.slow)])
-def test_accumulation_equals_one_big_batch(model):
+@pytest.mark.parametrize("model,scaling", [
+    ("mlp", "loss"), ("mlp", "per_example"),
+    pytest.param("conv", "loss", marks=pytest.mark.slow)])
+def test_accumulation_equals_one_big_batch(model, scaling):
   k, micro = 4, 8
   if model == "mlp":
     loss, make_batch, steps = mlp_loss, mlp_batch, 5
@@ -629,7 +670,8 @@ def test_accumulation_equals_one_big_batch(model):
   rng = np.random.default_rng(22)
   layers = kaisa_jax.find_layers(loss, params, *make_batch(rng, micro))
   hp = dict(damping=0.01, factor_decay=0.7, factor_update_steps=2,
-            inv_update_steps=3, kl_clip=1e-3, learning_rate=0.1)
+            inv_update_steps=3, kl_clip=1e-3, learning_rate=0.1,
+            g_factor_scaling=scaling)
   big_opt = optax.chain(kaisa_jax.kaisa(layers, **hp), optax.sgd(0.1, momentum=0.9))
   acc_opt = optax.chain(
       kaisa_jax.kaisa(layers, accumulation_steps=k, **hp),
@@ -699,6 +741,7 @@ def test_accumulation_skips_a_nonfinite_micro_batch(mlp_layers):
     (dict(inv_update_steps=2.5), "inv_update_steps"),
     (dict(accumulation_steps=0), "accumulation_steps"),
     (dict(compute_method="cholesky"), "compute_method"),
+    (dict(g_factor_scaling="batch"), "g_factor_scaling"),
     (dict(kl_clip=0.0), "kl_clip"),
     (dict(learning_rate=-0.1), "learning_rate"),
 ])

@@ -27,6 +27,10 @@ from kaisa_jax._src import placement as placement_lib
 ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
 
 
+# How G is scaled: see kaisa(g_factor_scaling=...).
+G_FACTOR_SCALINGS = ("loss", "per_example")
+
+
 class AccumulationState(NamedTuple):
   """Sums over the micro-batches of the optimizer step in progress.
 
@@ -193,6 +197,7 @@ def kaisa(
     colocate_factors: bool = True,
     cost_model: str = "compute",
     symmetric_factors: bool = True,
+    g_factor_scaling: str = "loss",
 ) -> optax.GradientTransformationExtraArgs:
   """K-FAC preconditioning (KAISA conventions) as an optax transformation.
 
@@ -246,6 +251,14 @@ def kaisa(
       (n³ per factor) or 'memory' (n²).
     symmetric_factors: send only the upper triangles in the Factor-Reduce
       (half the bytes).
+    g_factor_scaling: 'loss' (the reference): G is built from the output
+      gradients of the loss as given, so a loss that is a mean over B
+      examples puts 1/B² into G and the damping that works depends on B.
+      'per_example': G is multiplied by B² (B the leading axis of each
+      layer's input, times the device count and ``accumulation_steps``), so
+      it estimates the per-example Fisher block and a damping value means
+      the same at any batch size. Either way the result does not depend on
+      the device count or on accumulation.
 
   Several devices: see ``kaisa_jax.placement`` for who does what and the
   bytes each collective moves. HYBRID-OPT inside ``jax.shard_map`` needs
@@ -276,6 +289,10 @@ def kaisa(
     raise ValueError(
         f"layers must be the LayerRegistry from kaisa_jax.find_layers, got "
         f"{type(layers).__name__}.")
+  if g_factor_scaling not in G_FACTOR_SCALINGS:
+    raise ValueError(
+        f"g_factor_scaling must be one of {G_FACTOR_SCALINGS}, got "
+        f"{g_factor_scaling!r}.")
   if compute_method not in eigen_lib.COMPUTE_METHODS:
     raise ValueError(
         f"compute_method must be one of {eigen_lib.COMPUTE_METHODS}, got "
@@ -344,20 +361,35 @@ def kaisa(
         rejected_decompositions=jnp.zeros([], jnp.int32),
         accumulation=accumulation)
 
+  def g_share(parts: int) -> float:
+    """What one of ``parts`` equal sub-batches' G weighs in the whole batch's.
+
+    Under a mean loss each sub-batch's output gradients are ``parts`` times
+    those of the whole-batch loss; per-example G carries no batch size.
+    """
+    return 1.0 / parts ** 2 if g_factor_scaling == "loss" else 1.0
+
   def batch_factors(captures):
-    return {l.name: factors_lib.batch_factors(l, captures[l.name], factor_dtype)
-            for l in active}
+    factors = {}
+    for l in active:
+      f = factors_lib.batch_factors(l, captures[l.name], factor_dtype)
+      if g_factor_scaling == "per_example":
+        examples = captures[l.name].inputs[0].shape[0]
+        f = f._replace(g_factor=f.g_factor * examples ** 2)
+      factors[l.name] = f
+    return factors
 
   def reduce_factors(batch: dict, num_devices: int) -> dict:
     """Factor-Reduce: the mean over devices, as one global batch would give.
 
     Each device's loss is the mean over its own batch, so its output
-    gradients are N times those of the global-batch loss: G gets 1/N².
+    gradients are N times those of the global-batch loss: G gets 1/N²
+    (with 'loss' scaling).
     """
     pack = collectives.upper_triangle if symmetric_factors else jnp.ravel
     flat = collectives.pack(
         [pack(m) for f in batch.values()
-         for m in (f.a_factor, f.g_factor / num_devices ** 2)], factor_dtype)
+         for m in (f.a_factor, f.g_factor * g_share(num_devices))], factor_dtype)
     flat = lax.pmean(flat, axis_name)
     out, offset = {}, 0
     for name, f in batch.items():
@@ -574,9 +606,9 @@ def kaisa(
     def emit(state, acc):
       k = accumulation_steps
       mean_grads = jax.tree.map(lambda g: g / k, acc.grads)
-      # The big-batch loss is the mean of the micro-batch losses: its output
-      # gradients carry 1/k, so G gets 1/k² on top of the mean over micro-batches.
-      big_batch = {name: factors_lib.LayerFactors(f.a_factor / k, f.g_factor / k ** 3)
+      # The big-batch loss is the mean of the micro-batch losses: the mean of
+      # the micro-batch factors, G weighted as one part of k.
+      big_batch = {name: factors_lib.LayerFactors(f.a_factor / k, f.g_factor * g_share(k) / k)
                    for name, f in acc.factors.items()}
       updates, new_state = preconditioned_step(mean_grads, state, lambda: big_batch)
       reset = jax.tree.map(jnp.zeros_like, acc)
