@@ -26,6 +26,7 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -140,31 +141,53 @@ def make_loss(model: nn.Module) -> Callable[..., jax.Array]:
   return loss_fn
 
 
-def make_evaluate(model: nn.Module) -> Callable[..., tuple[jax.Array, jax.Array]]:
-  """A jitted ``evaluate(params, x, y) -> (mean loss, accuracy)``."""
+def make_evaluate(model: nn.Module) -> Callable[..., dict[str, jax.Array]]:
+  """A jitted ``evaluate(params, x, y) -> {"loss": mean loss, "accuracy": ...}``."""
 
   @jax.jit
   def evaluate(params, x, y):
     logits = model.apply({"params": params}, x)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-    return loss, jnp.mean(jnp.argmax(logits, -1) == y)
+    return {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == y)}
 
   return evaluate
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+  """What ``train`` needs to know about a model: its loss, metrics and optimizers.
+
+  ``evaluate(params, x, y)`` returns a dict of metrics with "loss" among
+  them; ``make_optimizer(name, layers)`` builds the optimizer called name.
+  """
+  model: nn.Module
+  loss_fn: Callable[..., jax.Array]
+  evaluate: Callable[..., dict[str, jax.Array]]
+  make_optimizer: Callable[[str, kaisa_jax.LayerRegistry], optax.GradientTransformation]
+
+
+def digits_problem(model: nn.Module) -> Problem:
+  return Problem(model, make_loss(model), make_evaluate(model), make_optimizer)
 
 
 # --------------------------------------------------------------------------- optimizers
 
 
-def make_optimizer(name: str, layers: kaisa_jax.LayerRegistry):
-  """The optax optimizer called ``name``; K-FAC needs the layer registry."""
+def make_optimizer(name: str, layers: kaisa_jax.LayerRegistry, *, kfac: dict = KFAC,
+                   adam_lr: float = ADAM_LR, sgd_lr: float = SGD_LR):
+  """The optax optimizer called ``name``; K-FAC needs the layer registry.
+
+  ``kfac`` holds the arguments of ``kaisa_jax.kaisa``; its ``learning_rate``
+  is also the learning rate of the SGD-momentum that follows it.
+  """
   if name == "kaisa + sgd":
     return optax.chain(
-        kaisa_jax.kaisa(layers, **KFAC),
-        optax.sgd(KFAC["learning_rate"], momentum=MOMENTUM))
+        kaisa_jax.kaisa(layers, **kfac),
+        optax.sgd(kfac["learning_rate"], momentum=MOMENTUM))
   if name == "adam":
-    return optax.adam(ADAM_LR)
+    return optax.adam(adam_lr)
   if name == "sgd":
-    return optax.sgd(SGD_LR, momentum=MOMENTUM)
+    return optax.sgd(sgd_lr, momentum=MOMENTUM)
   raise ValueError(f"unknown optimizer {name!r}")
 
 
@@ -190,38 +213,33 @@ def make_train_step(loss_fn, opt: optax.GradientTransformation, uses_captures: b
 # --------------------------------------------------------------------------- training
 
 
-def train(model_name: str, opt_name: str, data, batches: np.ndarray,
-          eval_every: int, seed: int) -> dict[str, Any]:
-  """Trains one model with one optimizer; returns its curves.
+def train(problem: Problem, opt_name: str, data, batches: np.ndarray,
+          eval_every: int, seed: int, desc: str) -> dict[str, Any]:
+  """Trains ``problem``'s model with one optimizer; returns its curves.
 
   The clock runs only over training steps: it is stopped for evaluation,
   and the step is compiled (ahead of time) before it starts.
   """
-  model = MODELS[model_name]
-  loss_fn = make_loss(model)
-  evaluate = make_evaluate(model)
   x, y = data["x_train"], data["y_train"]
-  params = model.init(jax.random.key(seed), x[:1])["params"]
-  layers = kaisa_jax.find_layers(loss_fn, params, x[batches[0]], y[batches[0]])
-  opt = make_optimizer(opt_name, layers)
+  params = problem.model.init(jax.random.key(seed), x[:1])["params"]
+  layers = kaisa_jax.find_layers(problem.loss_fn, params, x[batches[0]], y[batches[0]])
+  opt = problem.make_optimizer(opt_name, layers)
   opt_state = opt.init(params)
-  step_fn = jax.jit(make_train_step(loss_fn, opt, opt_name.startswith("kaisa")))
+  step_fn = jax.jit(make_train_step(problem.loss_fn, opt, opt_name.startswith("kaisa")))
   step_fn = step_fn.lower(params, opt_state, x[batches[0]], y[batches[0]]).compile()
 
-  curve = dict(step=[], seconds=[], train_loss=[], train_accuracy=[],
-               test_loss=[], test_accuracy=[])
+  curve = dict(step=[], seconds=[])
 
   def record(step, seconds):
-    train_loss, train_acc = evaluate(params, x, y)
-    test_loss, test_acc = evaluate(params, data["x_test"], data["y_test"])
-    for key, value in zip(curve, (step, seconds, train_loss, train_acc,
-                                  test_loss, test_acc)):
-      curve[key].append(float(value))
+    curve["step"].append(step)
+    curve["seconds"].append(seconds)
+    for split in ("train", "test"):
+      for name, value in problem.evaluate(params, data[f"x_{split}"], data[f"y_{split}"]).items():
+        curve.setdefault(f"{split}_{name}", []).append(float(value))
 
   record(0, 0.0)
   batch_loss, elapsed = [], 0.0
-  bar = tqdm.trange(len(batches), desc=f"{model_name} {opt_name}", leave=True,
-                    dynamic_ncols=True)
+  bar = tqdm.trange(len(batches), desc=desc, leave=True, dynamic_ncols=True)
   start = time.perf_counter()
   for i in bar:
     params, opt_state, loss = step_fn(params, opt_state, x[batches[i]], y[batches[i]])
@@ -244,35 +262,37 @@ def first_reached(curve: dict[str, list], target: float):
   return None, None
 
 
-def summarize(model_name: str, opt_name: str, curve, target: float) -> dict[str, Any]:
+def summarize(labels: dict[str, Any], curve, target: float) -> dict[str, Any]:
+  """One table row: ``labels`` (model, optimizer, ...) and the run's figures."""
   steps, seconds = first_reached(curve, target)
-  return dict(
-      model=model_name, optimizer=opt_name,
-      steps_to_target=steps, seconds_to_target=seconds,
-      final_train_loss=curve["train_loss"][-1],
-      final_test_accuracy=curve["test_accuracy"][-1],
-      ms_per_step=1e3 * curve["seconds"][-1] / max(curve["step"][-1], 1))
+  row = dict(labels, steps_to_target=steps, seconds_to_target=seconds,
+             final_train_loss=curve["train_loss"][-1],
+             final_test_loss=curve["test_loss"][-1],
+             ms_per_step=1e3 * curve["seconds"][-1] / max(curve["step"][-1], 1))
+  if "test_accuracy" in curve:
+    row["final_test_accuracy"] = curve["test_accuracy"][-1]
+  return row
 
 
 # --------------------------------------------------------------------------- reporting
 
 
-def format_table(summary: list[dict[str, Any]], target: float) -> str:
-  """The summary as an aligned text table."""
-  header = ("model", "optimizer", f"steps to {target:g}", f"seconds to {target:g}",
-            "final train loss", "test accuracy", "ms/step")
+def format_table(summary: list[dict[str, Any]], target: float, labels: tuple[str, ...]) -> str:
+  """The summary as an aligned text table; ``labels`` are its leading columns."""
+  accuracy = "final_test_accuracy" in summary[0]
+  header = labels + (f"steps to {target:g}", f"seconds to {target:g}", "final train loss",
+                     "test accuracy" if accuracy else "test loss", "ms/step")
   rows = [header]
   for s in summary:
     reached = s["steps_to_target"] is not None
-    rows.append((
-        s["model"], s["optimizer"],
+    rows.append(tuple(str(s[k]) for k in labels) + (
         str(s["steps_to_target"]) if reached else "not reached",
         f"{s['seconds_to_target']:.2f}" if reached else "not reached",
         f"{s['final_train_loss']:.4f}",
-        f"{100 * s['final_test_accuracy']:.1f}%",
+        f"{100 * s['final_test_accuracy']:.1f}%" if accuracy else f"{s['final_test_loss']:.4f}",
         f"{s['ms_per_step']:.2f}"))
   widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-  lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w)
+  lines = ["  ".join(c.ljust(w) if i < len(labels) else c.rjust(w)
                      for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
   lines.insert(1, "  ".join("-" * w for w in widths))
   return "\n".join(lines)
@@ -300,36 +320,38 @@ def plot(curves: dict[str, dict[str, Any]], target: float, path: str):
   plt.close(fig)
 
 
-def _finite_or_none(value):
+def finite_or_none(value):
   """JSON has no NaN or infinity: write them as null."""
   if isinstance(value, float) and not math.isfinite(value):
     return None
   if isinstance(value, dict):
-    return {k: _finite_or_none(v) for k, v in value.items()}
+    return {k: finite_or_none(v) for k, v in value.items()}
   if isinstance(value, (list, tuple)):
-    return [_finite_or_none(v) for v in value]
+    return [finite_or_none(v) for v in value]
   return value
 
 
 def write_json(path: str, config, summary, curves):
   with open(path, "w") as f:
-    json.dump(_finite_or_none(dict(config=config, summary=summary, curves=curves)),
+    json.dump(finite_or_none(dict(config=config, summary=summary, curves=curves)),
               f, indent=1)
 
 
 # --------------------------------------------------------------------------- main
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--steps", type=int, default=300, help="training steps per run")
+def parse_args(argv=None, *, name: str = "digits", steps: int = 300, target: float = 0.01,
+               description: str = __doc__) -> argparse.Namespace:
+  """The command line of an example called ``name`` (its outputs: ``name``.png/.json)."""
+  parser = argparse.ArgumentParser(description=description.split("\n\n")[0])
+  parser.add_argument("--steps", type=int, default=steps, help="training steps per run")
   parser.add_argument("--eval-every", type=int, default=10,
                       help="evaluate on the full training set every this many steps")
-  parser.add_argument("--target", type=float, default=0.01,
+  parser.add_argument("--target", type=float, default=target,
                       help="training-loss target for steps/seconds to target")
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--out", default=os.path.join("results", "digits"),
-                      help="directory for digits.png and digits.json")
+  parser.add_argument("--out", default=os.path.join("results", name),
+                      help=f"directory for {name}.png and {name}.json")
   parser.add_argument("--quick", action="store_true",
                       help="a tiny run (20 steps) for tests")
   args = parser.parse_args(argv)
@@ -352,15 +374,17 @@ def main(argv=None):
   print()
 
   curves, summary = {}, []
-  for model_name in MODELS:
+  for model_name, model in MODELS.items():
     curves[model_name] = {}
     for opt_name in OPTIMIZERS:
-      curve = train(model_name, opt_name, data, batches, args.eval_every, args.seed)
+      curve = train(digits_problem(model), opt_name, data, batches, args.eval_every,
+                    args.seed, desc=f"{model_name} {opt_name}")
       curves[model_name][opt_name] = curve
-      summary.append(summarize(model_name, opt_name, curve, args.target))
+      summary.append(summarize(dict(model=model_name, optimizer=opt_name), curve,
+                               args.target))
 
   print()
-  print(format_table(summary, args.target))
+  print(format_table(summary, args.target, ("model", "optimizer")))
   print("seconds: training steps only, compiled ahead of time, evaluation excluded")
 
   config = dict(steps=args.steps, batch_size=BATCH_SIZE, eval_every=args.eval_every,

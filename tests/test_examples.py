@@ -47,3 +47,54 @@ def test_data_parallel_every_strategy_matches_one_device():
   for row in rows:
     distance = float(row.split()[6])  # "params vs 1 device"
     assert distance <= 1e-5, row
+
+
+def run_script(*argv):
+  result = subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  return result.stdout
+
+
+@pytest.mark.slow
+def test_autoencoder_quick(tmp_path):
+  run_script(os.path.join("examples", "autoencoder.py"), "--quick", "--out", str(tmp_path))
+  assert (tmp_path / "autoencoder.png").stat().st_size > 0
+  with open(tmp_path / "autoencoder.json") as f:
+    report = json.load(f)
+  assert set(report["curves"]) == {"batch 128", "batch 1024"}
+  for runs in report["curves"].values():
+    assert set(runs) == set(OPTIMIZERS)
+    for curve in runs.values():
+      # 0.5 * squared error over 64 pixels in [0, 1]: finite and falling from the start
+      assert all(l is not None and math.isfinite(l) for l in curve["train_loss"])
+      assert curve["train_loss"][-1] < curve["train_loss"][0]
+
+
+@pytest.mark.slow
+def test_checkpoint_resume_is_identical(tmp_path):
+  out = run_script(os.path.join("examples", "checkpoint.py"), "--steps", "12",
+                   "--save-every", "5", "--dir", str(tmp_path / "ckpt"))
+  assert "restored step 10" in out and out.rstrip().endswith("identical"), out
+
+
+@pytest.mark.slow
+def test_convergence_benchmark_quick(tmp_path):
+  out = run_script(os.path.join("benchmarks", "convergence.py"), "--quick", "--out",
+                   str(tmp_path))
+  with open(tmp_path / "convergence.json") as f:
+    report = json.load(f)
+  results = report["results"]["mlp b128"]
+  expected = {"adam", "sgd", "kaisa", "kaisa/pe"}
+  try:
+    import kfac_jax  # noqa: F401  (the optional peer)
+    expected.add("kfac-jax")
+  except ImportError:
+    assert "kfac-jax is not installed: skipping it" in out
+  assert set(results) == expected
+  for name, r in results.items():
+    # the grid's one configuration, run on the grid seed and one report seed
+    assert len(r["grid"]) == 1 and len(r["seeds"]) == 1, name
+    if name != "kfac-jax":  # the peer may diverge at the smoke run's setting
+      assert r["seeds"][0]["step"][-1] == 20, name
+  assert (tmp_path / "convergence.png").stat().st_size > 0
