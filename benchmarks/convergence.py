@@ -398,6 +398,8 @@ def plot(all_results: dict, path: str):
   fig, axes = plt.subplots(len(rows), 2, figsize=(11, 3.6 * len(rows)), squeeze=False)
   for ax_row, (key, results) in zip(axes, rows):
     task_name = key.split(" ")[0]
+    # A diverging run would stretch the axis over 30 decades: cut it off.
+    top = 3 * max(r["seeds"][0]["train_loss"][0] for r in results.values())
     for name, r in results.items():
       curve = r["seeds"][0]
       for ax, x_key in zip(ax_row, ("step", "seconds")):
@@ -405,6 +407,7 @@ def plot(all_results: dict, path: str):
     for ax, x_label in zip(ax_row, ("step", "seconds")):
       ax.axhline(TASKS[task_name].target, color="gray", linestyle="--", linewidth=1)
       ax.set_yscale("log")
+      ax.set_ylim(top=top)
       ax.set_xlabel(x_label)
       ax.set_ylabel("training loss")
       ax.set_title(f"{key}: loss vs {x_label}")
@@ -428,6 +431,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--grid-seed", type=int, default=0)
   parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3],
                       help="report seeds (the grid runs on --grid-seed)")
+  parser.add_argument("--periods", nargs=2, type=int, default=[FACTOR_EVERY, INVERSE_EVERY],
+                      metavar=("FACTOR", "INVERSE"),
+                      help="both K-FAC libraries' factor and decomposition periods")
   parser.add_argument("--out", default=os.path.join("results", "convergence"))
   parser.add_argument("--quick", action="store_true", help="a smoke run: one task, few steps")
   args = parser.parse_args(argv)
@@ -440,7 +446,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None):
+  global FACTOR_EVERY, INVERSE_EVERY
   args = parse_args(argv)
+  FACTOR_EVERY, INVERSE_EVERY = args.periods
   optimizers = list(args.optimizers)
   if "kfac-jax" in optimizers and kfac_jax is None:
     print("kfac-jax is not installed: skipping it (pip install kfac-jax==0.0.8 "
