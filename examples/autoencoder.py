@@ -39,7 +39,7 @@ TARGET = 0.5  # training loss; about 13 at the start
 ADAM_LR = 3e-3
 SGD_LR = 0.03
 # From benchmarks/convergence.py's grid at batch 128 (the best there; a KL
-# clip of 1e-2 or more diverged at that batch size). Per-example G lets the
+# clip of 1e-2 or more failed at that batch size). Per-example G lets the
 # same damping serve both batch sizes.
 KFAC = dict(learning_rate=0.3, damping=0.01, factor_decay=0.95, factor_update_steps=5,
             inv_update_steps=20, kl_clip=1e-3, g_factor_scaling="per_example")

@@ -1,5 +1,6 @@
 """Tests for the Kronecker factors A and G against dense float64 numpy oracles."""
 
+import dataclasses
 import math
 
 import flax.linen as nn
@@ -71,17 +72,25 @@ def _check_symmetric(f):
 # Dense
 
 
+@pytest.mark.parametrize("weight_sharing", ["expand", "reduce"])
 @pytest.mark.parametrize("use_bias", [True, False])
-@pytest.mark.parametrize("x_shape", [(6, 4), (3, 5, 4)], ids=["2d", "btd"])
-def test_dense_batch_factors(use_bias, x_shape):
+@pytest.mark.parametrize("x_shape", [(6, 4), (3, 5, 4), (2, 3, 4, 4)], ids=["2d", "btd", "bhwd"])
+def test_dense_batch_factors(weight_sharing, use_bias, x_shape):
   module = nn.Dense(3, use_bias=use_bias)
   rng = np.random.default_rng(0)
   x = rng.normal(size=x_shape).astype(np.float32)
   g = rng.normal(size=x_shape[:-1] + (3,)).astype(np.float32)
   layer, _ = _single_layer(module, jnp.asarray(x))
+  layer = dataclasses.replace(layer, weight_sharing=weight_sharing)
   f = _batch_factors(layer, [x], [g])
-  a, gg = _np_dense_rows(x, g, use_bias)
-  assert a.shape[0] == math.prod(x_shape[:-1])  # every leading position is a row
+  if weight_sharing == "expand":  # every leading position is a row
+    a, gg = _np_dense_rows(x, g, use_bias)
+    assert a.shape[0] == math.prod(x_shape[:-1])
+  else:  # K-FAC-reduce: per example, inputs averaged and output gradients summed
+    batch = x_shape[0]
+    x_mean = x.astype(np.float64).reshape(batch, -1, x_shape[-1]).mean(axis=1)
+    g_sum = g.astype(np.float64).reshape(batch, -1, 3).sum(axis=1)
+    a, gg = _np_dense_rows(x_mean, g_sum, use_bias)
   assert_close(f.a_factor, a.T @ a / a.shape[0])
   assert_close(f.g_factor, gg.T @ gg / gg.shape[0])
   assert f.a_factor.shape == (layer.a_size, layer.a_size)

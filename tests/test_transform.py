@@ -439,6 +439,84 @@ def test_g_factor_of_a_doubled_batch(mlp_layers, scaling, g_ratio):
     assert_close(g2, g_ratio * g1)
 
 
+class TokenNet(nn.Module):
+  """Two Dense layers shared over T tokens, (B, T, d) -> (B, 3), the mean over tokens."""
+
+  @nn.compact
+  def __call__(self, x):
+    h = jnp.tanh(nn.Dense(5)(x))
+    return nn.Dense(3)(h).mean(axis=1)
+
+
+def token_loss(params, x, y):
+  return 0.5 * jnp.mean(jnp.sum((TokenNet().apply({"params": params}, x) - y) ** 2, axis=-1))
+
+
+def token_rows(params, x, y):
+  """float64 per-token rows (a with ones, g) of both layers, (B, T, ·) each."""
+  p = jax.tree.map(lambda v: np.asarray(v, np.float64), params)
+  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+  batch, tokens = x.shape[:2]
+  ones = np.ones((batch, tokens, 1))
+  h = np.tanh(x @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"])
+  out = (h @ p["Dense_1"]["kernel"] + p["Dense_1"]["bias"]).mean(axis=1)
+  d_z = np.repeat(((out - y) / batch / tokens)[:, None, :], tokens, axis=1)
+  d_h0 = (d_z @ p["Dense_1"]["kernel"].T) * (1 - h ** 2)
+  return {"Dense_0": (np.concatenate([x, ones], -1), d_h0),
+          "Dense_1": (np.concatenate([h, ones], -1), d_z)}
+
+
+def np_token_factors(a, g, mode):
+  """The oracle's batch factors of (B, T, ·) rows under ``mode``."""
+  if mode == "reduce":
+    a, g = a.mean(axis=1), g.sum(axis=1)
+  a, g = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
+  return a.T @ a / a.shape[0], g.T @ g / g.shape[0]
+
+
+@pytest.mark.parametrize("weight_sharing, modes", [
+    ("expand", {"Dense_0": "expand", "Dense_1": "expand"}),
+    ("reduce", {"Dense_0": "reduce", "Dense_1": "reduce"}),
+    ({"_0$": "reduce"}, {"Dense_0": "reduce", "Dense_1": "expand"}),
+    ({"_1$": "reduce", "Dense": "expand"}, {"Dense_0": "expand", "Dense_1": "reduce"}),
+])
+def test_weight_sharing_factors_match_oracle(weight_sharing, modes):
+  rng = np.random.default_rng(7)
+  x = rng.normal(size=(6, 4, 3)).astype(np.float32)
+  y = rng.normal(size=(6, 3)).astype(np.float32)
+  params = jax.jit(TokenNet().init)(jax.random.key(8), x)["params"]
+  layers = kaisa_jax.find_layers(token_loss, params, x, y)
+  decay = 1e-3  # almost all batch: the identity part would swamp float32's digits
+  tx = kaisa_jax.kaisa(layers, factor_decay=decay, weight_sharing=weight_sharing)
+  _, _, state = jitted_kfac_step(tx, token_loss)(params, tx.init(params), x, y)
+  rows = token_rows(params, x, y)
+  for name, mode in modes.items():
+    expected = tuple((1 - decay) * m for m in np_token_factors(*rows[name], mode))
+    assert_close(without_identity(state.factors[name], decay), expected, rtol=1e-5)
+  # reduce and expand really differ here (T = 4 tokens per example)
+  assert not np.allclose(*(np_token_factors(*rows["Dense_1"], m)[1] for m in ("expand", "reduce")))
+
+
+@pytest.mark.parametrize("weight_sharing, match", [
+    ("sum", "weight_sharing modes"),
+    ({"Dense": "mean"}, "weight_sharing modes"),
+    (["reduce"], "weight_sharing must be"),
+])
+def test_bad_weight_sharing_raises(mlp_layers, weight_sharing, match):
+  with pytest.raises(ValueError, match=match):
+    kaisa_jax.kaisa(mlp_layers, weight_sharing=weight_sharing)
+
+
+def test_weight_sharing_reduce_named_for_a_conv_layer_raises():
+  x, y = conv_batch(np.random.default_rng(0), 2)
+  params = jax.jit(CONV_MODEL.init)(jax.random.key(0), x)["params"]
+  layers = kaisa_jax.find_layers(conv_loss, params, x, y)
+  conv_name = next(l.name for l in layers if l.kind == "conv")
+  with pytest.raises(ValueError, match=f"{conv_name}.*conv"):
+    kaisa_jax.kaisa(layers, weight_sharing={conv_name: "reduce"})
+  kaisa_jax.kaisa(layers, weight_sharing="reduce")  # globally: the Dense layers only
+
+
 # ---------------------------------------------------------------------------
 # 2. KL clip and schedules.
 

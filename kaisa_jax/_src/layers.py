@@ -102,9 +102,26 @@ class Layer:
     return self.kernel_from_matrix(mat), None
 
 
+WEIGHT_SHARING = ("expand", "reduce")
+
+
 @dataclasses.dataclass(frozen=True)
 class Dense(Layer):
-  """``flax.linen.Dense``: kernel (in_features, out_features) on the last axis."""
+  """``flax.linen.Dense``: kernel (in_features, out_features) on the last axis.
+
+  Inputs (batch, *positions, in) share the kernel over the positions
+  (tokens, patches). ``weight_sharing`` says how they enter the factors
+  (Eschenhagen et al., NeurIPS 2023), with R positions per example:
+
+  * 'expand' (the reference): every position is a row,
+    ``A = Σ_{n,r} a aᵀ / (B R)``, ``G = Σ_{n,r} g gᵀ / (B R)``;
+  * 'reduce': one row per example, the inputs averaged and the output
+    gradients summed over its positions, ``A = Σ_n ā āᵀ / B``,
+    ``G = Σ_n (Σ_r g)(Σ_r g)ᵀ / B``: R times fewer rows to multiply.
+
+  Both are the same for (batch, in) inputs.
+  """
+  weight_sharing: str = "expand"
 
   kind = "dense"
 
@@ -126,13 +143,18 @@ class Dense(Layer):
     del module, inputs, outputs
     return cls(name, kernel_path, bias_path, tuple(kernel_shape))
 
+  def _rows(self, x: jax.Array, combine) -> jax.Array:
+    """(batch, *positions, n) -> the (rows, n) matrix the factor is made of."""
+    if self.weight_sharing == "reduce" and x.ndim > 2:
+      return combine(x.reshape(x.shape[0], -1, x.shape[-1]), axis=1)
+    return x.reshape(-1, x.shape[-1])
+
   def a_stats(self, inputs: jax.Array, dtype) -> tuple[jax.Array, int]:
-    # inputs: (..., in) -> every leading position is a row (K-FAC expand).
-    x = inputs.reshape(-1, inputs.shape[-1]).astype(dtype)
+    x = self._rows(inputs.astype(dtype), jnp.mean)
     return _block_covariance(x, self.has_bias), x.shape[0]
 
   def g_stats(self, out_grads: jax.Array, dtype) -> tuple[jax.Array, int]:
-    g = out_grads.reshape(-1, out_grads.shape[-1]).astype(dtype)
+    g = self._rows(out_grads.astype(dtype), jnp.sum)
     return g.T @ g, g.shape[0]
 
   def kernel_matrix(self, kernel) -> jax.Array:

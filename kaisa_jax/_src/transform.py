@@ -9,9 +9,11 @@ a step that is not due costs nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
-from typing import Any, Callable, Hashable, NamedTuple, Optional, Sequence, Union
+from typing import (Any, Callable, Hashable, Mapping, NamedTuple, Optional, Sequence,
+                    Union)
 
 import jax
 import jax.numpy as jnp
@@ -136,6 +138,39 @@ def _active_layers(layers: layers_lib.LayerRegistry,
   return tuple(l for l in layers.layers if not skipped(l.name))
 
 
+def _with_weight_sharing(active: tuple[layers_lib.Layer, ...],
+                         weight_sharing) -> tuple[layers_lib.Layer, ...]:
+  """The active layers, each Dense layer set to its weight-sharing mode.
+
+  A string applies to every Dense layer; a mapping from regular expressions
+  to modes applies the first that matches a layer's name ('expand' if none).
+  """
+  if isinstance(weight_sharing, str):
+    rules = [(None, weight_sharing)]
+  elif isinstance(weight_sharing, Mapping):
+    rules = [(re.compile(pattern), mode) for pattern, mode in weight_sharing.items()]
+  else:
+    raise ValueError(
+        f"weight_sharing must be one of {layers_lib.WEIGHT_SHARING} or a mapping from "
+        f"layer-name regular expressions to them, got {weight_sharing!r}.")
+  for _, mode in rules:
+    if mode not in layers_lib.WEIGHT_SHARING:
+      raise ValueError(
+          f"weight_sharing modes are {layers_lib.WEIGHT_SHARING}, got {mode!r}.")
+  resolved = []
+  for layer in active:
+    mode = next((m for p, m in rules if p is None or p.search(layer.name)), "expand")
+    if isinstance(layer, layers_lib.Dense):
+      layer = dataclasses.replace(layer, weight_sharing=mode)
+    elif mode != "expand" and isinstance(weight_sharing, Mapping):
+      raise ValueError(
+          f"weight_sharing={mode!r} was asked for layer {layer.name!r}, a {layer.kind} "
+          "layer; it applies to Dense layers (a convolution keeps the reference's "
+          "convention over its positions). Narrow the regular expression.")
+    resolved.append(layer)
+  return tuple(resolved)
+
+
 def _leaves_by_path(tree) -> dict:
   return {path: leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
@@ -198,6 +233,7 @@ def kaisa(
     cost_model: str = "compute",
     symmetric_factors: bool = True,
     g_factor_scaling: str = "loss",
+    weight_sharing: Union[str, Mapping[str, str]] = "expand",
 ) -> optax.GradientTransformationExtraArgs:
   """K-FAC preconditioning (KAISA conventions) as an optax transformation.
 
@@ -259,6 +295,13 @@ def kaisa(
       it estimates the per-example Fisher block and a damping value means
       the same at any batch size. Either way the result does not depend on
       the device count or on accumulation.
+    weight_sharing: how a Dense layer on inputs with extra axes, (batch,
+      *positions, in) such as tokens, enters its factors: 'expand' (the
+      reference: every position a row) or 'reduce' (one row per example:
+      inputs averaged, output gradients summed over the positions; cheaper,
+      Eschenhagen et al. 2023); or a mapping from layer-name regular
+      expressions to modes, the first match deciding ('expand' if none).
+      Convolutions keep the reference's treatment of their positions.
 
   Several devices: see ``kaisa_jax.placement`` for who does what and the
   bytes each collective moves. HYBRID-OPT inside ``jax.shard_map`` needs
@@ -305,7 +348,7 @@ def kaisa(
     skip_layers = (skip_layers,)
   factor_dtype = _check_dtype("factor_dtype", factor_dtype)
   inv_dtype = _check_dtype("inv_dtype", inv_dtype)
-  active = _active_layers(layers, skip_layers)
+  active = _with_weight_sharing(_active_layers(layers, skip_layers), weight_sharing)
   outer = bool(eigenvalue_outer_product)
 
   @functools.lru_cache(maxsize=None)
