@@ -291,6 +291,44 @@ def test_checkpoint_moves_from_8_to_4_to_1_devices(layers, tmp_path):
   assert_trajectories_close(trajectory, run_single(layers, "eigen", inv_update_steps=inv)[2:])
 
 
+def pmap_runner(layers, num_devices, frac, **kwargs):
+  """(init, step) of a pmap run on the first ``num_devices`` devices, the data split for it."""
+  opt = make_opt(layers, "eigen", axis_name=AXIS, grad_worker_frac=frac, **kwargs)
+  devices = jax.devices()[:num_devices]
+  init = jax.pmap(opt.init, axis_name=AXIS, devices=devices)
+  step = jax.pmap(train_step(opt), axis_name=AXIS, devices=devices)
+  split = lambda a: a.reshape((num_devices, -1) + a.shape[1:])
+  return init, lambda params, state, x, y: step(params, state, split(x), split(y))
+
+
+@pytest.mark.slow
+def test_convert_state_moves_a_pmap_state_from_8_to_4_devices(layers):
+  inv = 3  # decompositions at steps 0 and 3: steps 2 uses one made on 8 devices
+  data = list(batches())
+  plan8, plan4 = kaisa_jax.placement(layers, 8, 1 / 8), kaisa_jax.placement(layers, 4, 1 / 2)
+  init8, step8 = pmap_runner(layers, 8, 1 / 8, inv_update_steps=inv)
+  params = jax.tree.map(lambda a: jnp.stack([a] * 8), initial_params())
+  state = init8(params)
+  for x, y in data[:2]:
+    params, state = step8(params, state, x, y)
+  state = kaisa_jax.convert_state(jax.device_get(state), plan8, plan4, stacked=True)
+  assert state[0].local_decompositions.shape[0] == 4
+  params = jax.tree.map(lambda a: np.asarray(a)[:4], params)
+  _, step4 = pmap_runner(layers, 4, 1 / 2, inv_update_steps=inv)
+  trajectory = []
+  for x, y in data[2:]:
+    params, state = step4(params, state, x, y)
+    trajectory.append(jax.tree.map(lambda a: a[0], params))
+  assert_trajectories_close(trajectory, run_single(layers, "eigen", inv_update_steps=inv)[2:])
+
+
+def test_convert_state_stacked_needs_the_device_axis(layers):
+  plan2 = kaisa_jax.placement(layers, 2, 1 / 2)
+  state = make_opt(layers, "eigen").init(initial_params())  # one device: no device axis
+  with pytest.raises(ValueError, match="leading axis of the source's 2 devices"):
+    kaisa_jax.convert_state(state, plan2, plan2, stacked=True)
+
+
 def test_convert_state_rejects_mismatched_placements(layers):
   other = kaisa_jax.placement(layers, 4, 0.5, skip_layers=("Dense_1",))
   plan = kaisa_jax.placement(layers, 4, 0.5)

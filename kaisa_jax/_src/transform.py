@@ -752,7 +752,7 @@ def state_specs(opt_state, axis_name: Hashable):
 
 
 def convert_state(opt_state, source: placement_lib.Placement,
-                  target: placement_lib.Placement):
+                  target: placement_lib.Placement, *, stacked: bool = False):
   """Moves the eigen data of an optimizer state from one device layout to another.
 
   A state saved from a run on N devices (the global arrays of a shard_map
@@ -770,15 +770,21 @@ def convert_state(opt_state, source: placement_lib.Placement,
     source: the ``kaisa_jax.placement`` of the run that produced it.
     target: the placement of the run that continues, with the same layers
       and compute method.
+    stacked: the state comes from ``jax.pmap`` (every leaf has a leading
+      axis of ``source.num_devices``, one entry per device) and goes to a
+      ``jax.pmap`` run (the result has a leading axis of
+      ``target.num_devices``).
 
   Returns:
     ``opt_state`` laid out for ``target``: feed it to the new run with
-    ``state_specs`` (or directly, on one device).
+    ``state_specs`` (or directly, on one device, or to ``jax.pmap`` when
+    ``stacked``).
 
   Example:
     >>> old = kaisa_jax.placement(layers, 8, 1 / 8)
     >>> new = kaisa_jax.placement(layers, 4, 1 / 2)
     >>> state = kaisa_jax.convert_state(restored_state, old, new)
+    >>> pmap_state = kaisa_jax.convert_state(restored_pmap_state, old, new, stacked=True)
   """
   if [l.name for l in source.layers] != [l.name for l in target.layers]:
     raise ValueError(
@@ -805,7 +811,45 @@ def convert_state(opt_state, source: placement_lib.Placement,
         for d in range(target.num_devices)])
     return node._replace(decompositions={}, local_decompositions=local)
 
-  return jax.tree.map(convert, opt_state, is_leaf=lambda x: isinstance(x, KaisaState))
+  is_kaisa = lambda x: isinstance(x, KaisaState)
+  if stacked:
+    opt_state = jax.tree.map(lambda node: _unstack(node, source.num_devices), opt_state,
+                             is_leaf=is_kaisa)
+  converted = jax.tree.map(convert, opt_state, is_leaf=is_kaisa)
+  if stacked:
+    converted = jax.tree.map(lambda node: _stack(node, target.num_devices), converted,
+                             is_leaf=is_kaisa)
+  return converted
+
+
+def _unstack(node, num_devices: int):
+  """A pmap state (leading device axis) as the global layout of one run.
+
+  Every leaf but the device-local eigen data is the same on every device
+  (the factors and gradients are averaged over them): device 0's copy
+  stands for all. The local eigen data go end to end, as shard_map has them.
+  """
+  for leaf in jax.tree.leaves(node):
+    if jnp.ndim(leaf) == 0 or leaf.shape[0] != num_devices:
+      raise ValueError(
+          f"convert_state(stacked=True): a leaf of shape {jnp.shape(leaf)} has no leading "
+          f"axis of the source's {num_devices} devices; pass the state of the jax.pmap "
+          "run that the source placement describes.")
+  if not isinstance(node, KaisaState):
+    return jax.tree.map(lambda a: a[0], node)
+  local = node.local_decompositions
+  return jax.tree.map(lambda a: a[0], node._replace(local_decompositions=None))._replace(
+      local_decompositions=None if local is None else jnp.reshape(local, (-1,)))
+
+
+def _stack(node, num_devices: int):
+  """The inverse of ``_unstack`` for a run on ``num_devices`` devices."""
+  replicate = lambda a: jnp.broadcast_to(a, (num_devices,) + jnp.shape(a))
+  if not isinstance(node, KaisaState):
+    return jax.tree.map(replicate, node)
+  local = node.local_decompositions
+  return jax.tree.map(replicate, node._replace(local_decompositions=None))._replace(
+      local_decompositions=None if local is None else jnp.reshape(local, (num_devices, -1)))
 
 
 def _pack_column(plan: placement_lib.Placement, column: int, decompositions: dict,
