@@ -14,6 +14,9 @@ same batches:
 * ``kaisa/reduce``: ``kaisa/pe`` with ``weight_sharing="reduce"`` (on
   request, with the ``tokens`` task: a Dense network over the 8 image rows
   as tokens, where K-FAC-expand and K-FAC-reduce differ);
+* ``kaisa/sampled``: ``kaisa/pe`` with the sampled Fisher
+  (``value_and_grad(fisher="sampled")``, targets drawn from the model's
+  softmax or unit Gaussian; on request);
 * ``kfac-jax``: DeepMind's ``kfac_jax.Optimizer`` with a fixed learning rate,
   momentum 0.9 and a fixed damping, the same factor and inverse periods as
   ours (skipped with a message when ``kfac_jax`` is not installed; its
@@ -36,6 +39,7 @@ Run from the repository root::
   python benchmarks/convergence.py                 # every task (tens of minutes)
   python benchmarks/convergence.py --tasks mlp --batch-sizes 128
   python benchmarks/convergence.py --tasks tokens --optimizers adam kaisa/pe kaisa/reduce
+  python benchmarks/convergence.py --optimizers adam sgd kaisa/pe kaisa/sampled
   python benchmarks/convergence.py --quick         # a smoke run
 
 It prints a table per task and a summary, and writes ``convergence.json``,
@@ -128,10 +132,12 @@ GRIDS = {
     "kaisa": _KFAC_GRID,
     "kaisa/pe": _KFAC_GRID,
     "kaisa/reduce": _KFAC_GRID,
+    "kaisa/sampled": _KFAC_GRID,
     "kfac-jax": dict(learning_rate=(0.03, 0.1, 0.3), damping=(1e-3, 1e-2, 1e-1)),
 }
 OPTIMIZERS = tuple(GRIDS)
-DEFAULT_OPTIMIZERS = tuple(name for name in OPTIMIZERS if name != "kaisa/reduce")
+DEFAULT_OPTIMIZERS = tuple(name for name in OPTIMIZERS
+                           if name not in ("kaisa/reduce", "kaisa/sampled"))
 FIRST_ORDER = ("adam", "sgd")
 # Shared by both K-FAC libraries: the curvature every FACTOR_EVERY steps, the
 # decompositions (kfac-jax: inverses) every INVERSE_EVERY.
@@ -145,6 +151,18 @@ def per_example_loss(task: Task, model_out, y, x):
   if task.kind == "classify":
     return optax.softmax_cross_entropy_with_integer_labels(model_out, y)
   return autoencoder.squared_error(model_out, x)
+
+
+def make_fisher_loss(task: Task):
+  """``loss(params, x, y, key) -> (loss, sampled Fisher loss)`` for fisher='sampled'."""
+  distribution = "softmax" if task.kind == "classify" else "gaussian"
+
+  def loss_fn(params, x, y, key):
+    out = task.model.apply({"params": params}, x)
+    loss = per_example_loss(task, out, y, x).mean()
+    return loss, kaisa_jax.sampled_fisher_loss(out, key, distribution)
+
+  return loss_fn
 
 
 def make_loss(task: Task, register: bool = False):
@@ -208,14 +226,22 @@ class OptaxRunner:
     self.loss_fn = make_loss(task)
     params = task.model.init(jax.random.key(0), x0[:1])["params"]
     self.uses_captures = name.startswith("kaisa")
+    self.sampled = name == "kaisa/sampled"
+    self.fisher_loss = make_fisher_loss(task) if self.sampled else None
     layers = (kaisa_jax.find_layers(self.loss_fn, params, x0, y0)
               if self.uses_captures else None)
     self.opt = optax_optimizer(name, layers)
     self.init = jax.jit(self.opt.init)
-    self.step = jax.jit(self._step).lower(params, self.init(params), x0, y0).compile()
+    self.step = jax.jit(self._step).lower(params, self.init(params), x0, y0,
+                                          np.int32(0)).compile()
 
-  def _step(self, params, state, x, y):
-    if self.uses_captures:
+  def _step(self, params, state, x, y, step):
+    if self.sampled:  # a fresh key every step, derived inside the compiled step
+      key = jax.random.fold_in(jax.random.key(0), step)
+      _, grads, captures = kaisa_jax.value_and_grad(self.fisher_loss, fisher="sampled")(
+          params, x, y, key)
+      updates, state = self.opt.update(grads, state, params, captures=captures)
+    elif self.uses_captures:
       _, grads, captures = kaisa_jax.value_and_grad(self.loss_fn)(params, x, y)
       updates, state = self.opt.update(grads, state, params, captures=captures)
     else:
@@ -228,7 +254,7 @@ class OptaxRunner:
     missing = set(config) - set_hyperparams(state, config)
     if missing:
       raise ValueError(f"no injected hyperparameter named {sorted(missing)}")
-    return lambda p, s, x, y, i: self.step(p, s, x, y), state
+    return lambda p, s, x, y, i: self.step(p, s, x, y, np.int32(i)), state
 
 
 class KfacJaxRunner:

@@ -20,6 +20,7 @@ from jax import lax
 import numpy as np
 
 from kaisa_jax._src import collectives
+from kaisa_jax._src import fisher as fisher_lib
 from kaisa_jax._src import layers as layers_lib
 
 
@@ -184,13 +185,20 @@ def _capture_name(index: _ParamIndex, module: nn.Module) -> str:
   return _scope_name(module) if located is None else located[0]
 
 
-def value_and_grad(loss_fn: Callable[..., Any], has_aux: bool = False):
+def value_and_grad(loss_fn: Callable[..., Any], has_aux: bool = False,
+                   fisher: str = "empirical"):
   """``jax.value_and_grad`` over ``params`` that also returns the K-FAC captures.
 
   Args:
     loss_fn: ``loss_fn(params, *args, **kwargs)`` applying Flax linen modules
       and returning a scalar loss (or ``(loss, aux)`` when ``has_aux``).
     has_aux: as in ``jax.value_and_grad``.
+    fisher: 'empirical' (the reference): the output gradients are those of
+      the loss. 'sampled': ``loss_fn`` returns ``(loss, fisher_loss)`` (or
+      ``((loss, fisher_loss), aux)``), ``fisher_loss`` being
+      ``kaisa_jax.sampled_fisher_loss`` of the model's outputs; the gradient
+      is the loss's, the output gradients the fisher loss's (one forward
+      pass, two backward passes). ``value`` is then the loss alone.
 
   Returns:
     A function ``(params, *args, **kwargs) -> (value, grads, captures)`` where
@@ -208,6 +216,21 @@ def value_and_grad(loss_fn: Callable[..., Any], has_aux: bool = False):
   Works under ``jax.jit``, ``pmap`` and ``shard_map``; it captures every
   supported layer, registered or not.
   """
+  if fisher not in fisher_lib.FISHER_TYPES:
+    raise ValueError(f"fisher must be one of {fisher_lib.FISHER_TYPES}, got {fisher!r}.")
+  sampled = fisher == "sampled"
+
+  def split(out):
+    """(loss, fisher loss or None, aux or None) from what loss_fn returns."""
+    losses, aux = out if has_aux else (out, None)
+    if not sampled:
+      return losses, None, aux
+    if not (isinstance(losses, (tuple, list)) and len(losses) == 2):
+      raise ValueError(
+          "value_and_grad(fisher='sampled'): loss_fn must return (loss, fisher_loss)"
+          f"{' and aux' if has_aux else ''}, with fisher_loss from "
+          "kaisa_jax.sampled_fisher_loss.")
+    return losses[0], losses[1], aux
 
   def wrapped(params, *args, **kwargs):
     # Pass 1 (abstract, free at run time): the output shape of every call.
@@ -253,12 +276,20 @@ def value_and_grad(loss_fn: Callable[..., Any], has_aux: bool = False):
         return outputs + probes[name][call]
 
       with nn.intercept_methods(interceptor):
-        out = loss_fn(params, *args, **kwargs)
-      loss, aux = out if has_aux else (out, None)
-      return loss, (aux, {k: tuple(v) for k, v in inputs.items()})
+        loss, fisher_loss, aux = split(loss_fn(params, *args, **kwargs))
+      recorded = (aux, {k: tuple(v) for k, v in inputs.items()})
+      return ((loss, fisher_loss) if sampled else loss), recorded
 
-    (loss, (aux, inputs)), (grads, out_grads) = jax.value_and_grad(
-        probed_loss, argnums=(0, 1), has_aux=True)(params, probes)
+    if sampled:
+      # One forward pass; the parameter gradient from the loss, the output
+      # gradients from the fisher loss.
+      (loss, fisher_loss), vjp, (aux, inputs) = jax.vjp(
+          probed_loss, params, probes, has_aux=True)
+      grads, _ = vjp((jnp.ones_like(loss), jnp.zeros_like(fisher_loss)))
+      _, out_grads = vjp((jnp.zeros_like(loss), jnp.ones_like(fisher_loss)))
+    else:
+      (loss, (aux, inputs)), (grads, out_grads) = jax.value_and_grad(
+          probed_loss, argnums=(0, 1), has_aux=True)(params, probes)
     captures = {name: LayerCapture(inputs[name], out_grads[name])
                 for name in out_grads}
     value = (loss, aux) if has_aux else loss
