@@ -470,33 +470,34 @@ def test_shared_conv_per_call_products_sum_to_kernel_gradient():
 
 
 # --------------------------------------------------------------------------
-# Grouped convolutions
+# Found but unsupported configurations (a masked convolution)
 
 
-class _GroupedNet(nn.Module):
+class _MaskedNet(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    x = nn.Conv(4, (3, 3), feature_group_count=2, name="grouped")(x)
+    mask = jnp.ones((3, 3, x.shape[-1], 4)).at[1, 1].set(0)
+    x = nn.Conv(4, (3, 3), mask=mask, name="masked")(x)
     return nn.Dense(2, name="head")(x.reshape(x.shape[0], -1))
 
 
-def test_grouped_conv_is_skipped_and_must_be_listed():
-  model = _GroupedNet()
+def test_masked_conv_is_skipped_and_must_be_listed():
+  model = _MaskedNet()
   rng = np.random.default_rng(12)
   x = rng.normal(size=(2, 3, 3, 4)).astype(np.float32)
   params = random_params(model, jnp.asarray(x), seed=13)
   loss_fn = lambda p, x: jnp.mean(model.apply({"params": p}, x) ** 2)
   registry = kaisa_jax.find_layers(loss_fn, params, x)
   assert registry.names == ("head",)
-  assert [s.name for s in registry.skipped] == ["grouped"]
+  assert [s.name for s in registry.skipped] == ["masked"]
   assert registry.skipped[0].module_type == "Conv"
-  assert "feature_group_count=2" in registry.skipped[0].reason
+  assert "masked convolution" in registry.skipped[0].reason
 
   with pytest.raises(ValueError, match="skip_layers"):
     kaisa_jax.kaisa(registry)
 
-  tx = kaisa_jax.kaisa(registry, skip_layers=("grouped",), kl_clip=None)
+  tx = kaisa_jax.kaisa(registry, skip_layers=("masked",), kl_clip=None)
   opt = optax.chain(tx, optax.sgd(1.0))
   state = jax.jit(opt.init)(params)
   assert set(state[0].factors) == {"head"}
@@ -504,15 +505,15 @@ def test_grouped_conv_is_skipped_and_must_be_listed():
   @jax.jit
   def step(params, state, x):
     _, grads, captures = kaisa_jax.value_and_grad(loss_fn)(params, x)
-    assert "grouped" in captures  # captured, but left to the plain gradient
+    assert "masked" in captures  # captured, but left to the plain gradient
     updates, _ = opt.update(grads, state, params, captures=captures)
     return grads, updates
 
   grads, updates = step(params, state, x)
-  # sgd(1.0) negates: the grouped conv's leaves are the plain gradient.
+  # sgd(1.0) negates: the masked conv's leaves are the plain gradient.
   for leaf in ("kernel", "bias"):
-    np.testing.assert_array_equal(np.asarray(updates["grouped"][leaf]),
-                                  -np.asarray(grads["grouped"][leaf]))
+    np.testing.assert_array_equal(np.asarray(updates["masked"][leaf]),
+                                  -np.asarray(grads["masked"][leaf]))
   # The head is preconditioned (factors no longer the identity), so it changes.
   assert not np.allclose(np.asarray(updates["head"]["kernel"]),
                          -np.asarray(grads["head"]["kernel"]))

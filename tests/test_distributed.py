@@ -38,13 +38,40 @@ class Net(nn.Module):
     return nn.Dense(3)(h)
 
 
+class KindsNet(nn.Module):
+  """Eight registered layers of every factor storage, so that placement spreads them.
+
+  Dense matrices (Conv, DenseGeneral, Dense), blocks (a grouped Conv, the
+  per-feature blocks of GroupNorm and LayerNorm) and a diagonal A (Embed).
+  """
+
+  @nn.compact
+  def __call__(self, x):
+    h = jnp.tanh(nn.Conv(4, (3, 3), padding="SAME")(x))
+    h = nn.GroupNorm(num_groups=2)(h)
+    h = nn.Conv(4, (2, 2), strides=(2, 2), padding="VALID", use_bias=False,
+                feature_group_count=2)(h)
+    h = nn.LayerNorm()(h.reshape(h.shape[0], -1))
+    # Token ids read off the input: the embedding's A is diagonal.
+    ids = jnp.argmax(x.reshape(x.shape[0], 4, -1), axis=-1)
+    h = jnp.concatenate([h, jnp.mean(nn.Embed(8, 3)(ids), axis=1)], axis=-1)
+    h = jnp.tanh(nn.DenseGeneral((2, 4))(h).reshape(h.shape[0], -1))
+    return nn.Dense(3)(h)
+
+
 MODEL = Net()
+KINDS_MODEL = KindsNet()
 
 
-def loss_fn(params, x, y):
-  """The mean over the (local) batch, scaled so that G is not negligible."""
-  out = MODEL.apply({"params": params}, x)
-  return 4.0 * jnp.mean(jnp.sum((out - y) ** 2, axis=-1))
+def make_loss(model):
+  def loss_fn(params, x, y):
+    """The mean over the (local) batch, scaled so that G is not negligible."""
+    out = model.apply({"params": params}, x)
+    return 4.0 * jnp.mean(jnp.sum((out - y) ** 2, axis=-1))
+  return loss_fn
+
+
+loss_fn = make_loss(MODEL)
 
 
 def batches(seed=0):
@@ -55,9 +82,9 @@ def batches(seed=0):
     yield x, y
 
 
-def initial_params():
+def initial_params(model=MODEL):
   x, _ = next(batches())
-  return MODEL.init(jax.random.key(0), x[:1])["params"]
+  return model.init(jax.random.key(0), x[:1])["params"]
 
 
 @pytest.fixture(scope="module")
@@ -73,19 +100,21 @@ def make_opt(layers, method, inv_update_steps=2, **kwargs):
   return optax.chain(tx, optax.sgd(LR))
 
 
-def train_step(opt):
+def train_step(opt, model=MODEL):
+  loss = make_loss(model)
+
   def step(params, state, x, y):
-    _, grads, captures = kaisa_jax.value_and_grad(loss_fn)(params, x, y)
+    _, grads, captures = kaisa_jax.value_and_grad(loss)(params, x, y)
     updates, state = opt.update(grads, state, params, captures=captures)
     return optax.apply_updates(params, updates), state
   return step
 
 
-def run_single(layers, method, **kwargs):
+def run_single(layers, method, model=MODEL, **kwargs):
   opt = make_opt(layers, method, **kwargs)
-  params = initial_params()
+  params = initial_params(model)
   state = opt.init(params)
-  step = jax.jit(train_step(opt))
+  step = jax.jit(train_step(opt, model))
   trajectory = []
   for x, y in batches():
     params, state = step(params, state, x, y)
@@ -93,13 +122,13 @@ def run_single(layers, method, **kwargs):
   return trajectory
 
 
-def run_pmap(layers, method, num_devices, frac, **kwargs):
+def run_pmap(layers, method, num_devices, frac, model=MODEL, **kwargs):
   opt = make_opt(layers, method, axis_name=AXIS, grad_worker_frac=frac, **kwargs)
   devices = jax.devices()[:num_devices]
   replicate = lambda tree: jax.tree.map(lambda a: jnp.stack([a] * num_devices), tree)
-  params = replicate(initial_params())
+  params = replicate(initial_params(model))
   state = jax.pmap(opt.init, axis_name=AXIS, devices=devices)(params)
-  step = jax.pmap(train_step(opt), axis_name=AXIS, devices=devices)
+  step = jax.pmap(train_step(opt, model), axis_name=AXIS, devices=devices)
   split = lambda a: a.reshape((num_devices, -1) + a.shape[1:])
   trajectory = []
   for x, y in batches():
@@ -111,15 +140,15 @@ def run_pmap(layers, method, num_devices, frac, **kwargs):
   return trajectory
 
 
-def shard_map_program(opt, mesh, check_vma):
+def shard_map_program(opt, mesh, check_vma, model=MODEL):
   """(init, step) of ``opt`` in jit(shard_map) over ``mesh``'s data axis."""
   abstract = jax.eval_shape(
       jax.shard_map(opt.init, mesh=mesh, in_specs=P(), out_specs=P(), check_vma=False),
-      initial_params())
+      initial_params(model))
   specs = kaisa_jax.state_specs(abstract, AXIS)
   init = jax.jit(jax.shard_map(opt.init, mesh=mesh, in_specs=P(), out_specs=specs,
                                check_vma=check_vma))
-  step = jax.jit(jax.shard_map(train_step(opt), mesh=mesh,
+  step = jax.jit(jax.shard_map(train_step(opt, model), mesh=mesh,
                                in_specs=(P(), specs, P(AXIS), P(AXIS)),
                                out_specs=(P(), specs), check_vma=check_vma))
   return init, step
@@ -129,11 +158,11 @@ def data_mesh(num_devices):
   return Mesh(np.array(jax.devices()[:num_devices]), (AXIS,))
 
 
-def run_shard_map(layers, method, num_devices, frac, check_vma, mesh=None):
+def run_shard_map(layers, method, num_devices, frac, check_vma, mesh=None, model=MODEL):
   opt = make_opt(layers, method, axis_name=AXIS, grad_worker_frac=frac)
   init, step = shard_map_program(
-      opt, mesh if mesh is not None else data_mesh(num_devices), check_vma)
-  params = initial_params()
+      opt, mesh if mesh is not None else data_mesh(num_devices), check_vma, model)
+  params = initial_params(model)
   state = init(params)
   trajectory = []
   for x, y in batches():
@@ -178,6 +207,29 @@ def test_shard_map_matches_single_device(layers, single, method, num_devices, fr
   assert_trajectories_close(trajectory, single[method])
 
 
+@pytest.fixture(scope="module")
+def kinds_layers():
+  x, y = next(batches())
+  return kaisa_jax.find_layers(make_loss(KINDS_MODEL), initial_params(KINDS_MODEL), x, y)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["eigen", "inverse"])
+@pytest.mark.parametrize("num_devices, frac", [(4, 1 / 2), (8, 1 / 8)])
+def test_every_factor_storage_matches_single_device(kinds_layers, method, num_devices, frac):
+  # Blocks and diagonals cross devices in the Factor-Reduce, the decomposition
+  # gathering and the gradient gathering: HYBRID-OPT and MEM-OPT, pmap and shard_map.
+  assert {l.kind for l in kinds_layers} == {
+      "conv", "group_norm", "layer_norm", "embed", "dense_general", "dense"}
+  expected = run_single(kinds_layers, method, model=KINDS_MODEL)
+  if num_devices == 8:
+    actual = run_pmap(kinds_layers, method, num_devices, frac, model=KINDS_MODEL)
+  else:
+    actual = run_shard_map(kinds_layers, method, num_devices, frac, check_vma=False,
+                           model=KINDS_MODEL)
+  assert_trajectories_close(actual, expected)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("num_devices, frac", [(4, 1 / 2), (8, 1 / 8)])
 def test_per_example_g_scaling_does_not_depend_on_device_count(layers, num_devices, frac):
@@ -217,14 +269,17 @@ def collective_bytes(hlo: str) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("frac", [1 / 8, 1 / 4, 1 / 2, 1.0])
+@pytest.mark.parametrize("frac, kinds", [(1 / 8, False), (1 / 4, False), (1 / 2, False),
+                                         (1.0, False), (1 / 4, True)])
 @pytest.mark.parametrize("method", ["eigen", "inverse"])
-def test_collective_bytes_match_the_plan(layers, method, frac):
+def test_collective_bytes_match_the_plan(layers, kinds_layers, method, frac, kinds):
   num_devices = 8
+  model = KINDS_MODEL if kinds else MODEL
+  layers = kinds_layers if kinds else layers
   opt = optax.chain(kaisa_jax.kaisa(layers, compute_method=method, axis_name=AXIS,
                                     grad_worker_frac=frac), optax.sgd(LR))
-  init, step = shard_map_program(opt, data_mesh(num_devices), check_vma=False)
-  params = initial_params()
+  init, step = shard_map_program(opt, data_mesh(num_devices), check_vma=False, model=model)
+  params = initial_params(model)
   x, y = next(batches())
   hlo = step.lower(params, jax.eval_shape(init, params), x, y).compile().as_text()
 

@@ -10,6 +10,7 @@ per call, so a module called twice gets both calls' rows, not their sum.
 from __future__ import annotations
 
 import collections
+import contextlib
 from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
@@ -22,6 +23,7 @@ import numpy as np
 from kaisa_jax._src import collectives
 from kaisa_jax._src import fisher as fisher_lib
 from kaisa_jax._src import layers as layers_lib
+from kaisa_jax._src import nnx_capture
 
 
 class LayerCapture(NamedTuple):
@@ -50,7 +52,8 @@ class _ParamIndex:
     self._by_path = {path: leaf for path, leaf in flat}
 
   def _by_scope(self, module: nn.Module, name: str, like):
-    if like is None:
+    # NNX modules have no scope; their parameters are found by identity.
+    if like is None or nnx_capture.is_nnx(module):
       return None
     scope = tuple(jax.tree_util.DictKey(p) for p in module.scope.path)
     for prefix in ((), (jax.tree_util.DictKey("params"),)):
@@ -61,21 +64,59 @@ class _ParamIndex:
     return None
 
   def locate(self, module: nn.Module):
-    """(name, kernel_path, bias_path, kernel) of the module's call, or None."""
-    kernel = module.scope.get_variable("params", "kernel")
-    bias = module.scope.get_variable("params", "bias")
-    kernel_path = self._by_id.get(id(kernel)) or self._by_scope(module, "kernel", kernel)
+    """(name, kernel_path, bias_path, kernel) of the module's call, or None.
+
+    The kernel and bias are the parameters the module's layer kind names
+    (``kernel_param``, ``bias_param``: e.g. 'embedding' for Embed, 'scale'
+    and 'bias' for LayerNorm).
+    """
+    kind = layers_lib.kind_of(module)
+    kernel = _module_param(module, kind.kernel_param)
+    bias = _module_param(module, kind.bias_param)
+    if kernel is None:
+      return None
+    kernel_path = self._by_id.get(id(kernel)) or self._by_scope(module, kind.kernel_param, kernel)
     bias_path = None
     if bias is not None:
-      bias_path = self._by_id.get(id(bias)) or self._by_scope(module, "bias", bias)
+      bias_path = self._by_id.get(id(bias)) or self._by_scope(module, kind.bias_param, bias)
     if kernel_path is None or (bias is not None and bias_path is None):
       return None
-    name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in kernel_path[:-1])
-    return name, kernel_path, bias_path, kernel
+    return _layer_name(kernel_path), kernel_path, bias_path, kernel
+
+
+def _layer_name(kernel_path) -> str:
+  """The kernel's key path without the parameter's own key, joined by '/'.
+
+  A leaf of an ``nnx.State`` is its Variable's ``.value``: that key is
+  dropped too, so that ``['l1']['kernel'].value`` names layer 'l1', as the
+  pure dict ``['l1']['kernel']`` does.
+  """
+  path = tuple(kernel_path)
+  if path and path[-1] == jax.tree_util.GetAttrKey("value"):
+    path = path[:-1]
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path[:-1])
+
+
+def _module_param(module: nn.Module, name):
+  """The module's parameter ``name`` as the loss sees it, or None (no such parameter)."""
+  if name is None:
+    return None
+  if nnx_capture.is_nnx(module):
+    return nnx_capture.param_value(module, name)
+  return module.scope.get_variable("params", name)
 
 
 def _scope_name(module: nn.Module) -> str:
+  if nnx_capture.is_nnx(module):
+    return nnx_capture.describe(module)
   return "/".join(str(p) for p in module.scope.path)
+
+
+@contextlib.contextmanager
+def _intercept_layers(interceptor):
+  """``interceptor`` on the module calls of both Flax APIs, linen and NNX."""
+  with nn.intercept_methods(interceptor), nnx_capture.intercept_methods(interceptor):
+    yield
 
 
 def _call_input(args, kwargs):
@@ -84,12 +125,30 @@ def _call_input(args, kwargs):
   return kwargs["inputs"]
 
 
+def _unsupported_call(context):
+  """Why this call makes its module impossible to precondition, or None.
+
+  A Flax layer with parameters that no kind handles, or a supported layer's
+  method other than ``__call__`` that uses its kernel (``Embed.attend``):
+  the factors would miss that use of the kernel.
+  """
+  module = context.module
+  kind = layers_lib.kind_of(module)
+  if kind is None:
+    return layers_lib.unsupported_reason(module)
+  if context.method_name in kind.other_kernel_methods:
+    return (f"{type(module).__name__}.{context.method_name} uses the {kind.kernel_param} "
+            "too (e.g. tied embeddings), which its factors would not see")
+  return None
+
+
 def _is_layer_call(context) -> bool:
   return (context.method_name == "__call__"
           and layers_lib.kind_of(context.module) is not None)
 
 
-_NESTED_REASON = "called inside a JAX transform (nn.remat, nn.scan, nn.vmap, jax.checkpoint)"
+_NESTED_REASON = ("called inside a JAX transform (nn.remat, nn.scan, nn.vmap, "
+                  "nnx.remat, nnx.scan, nnx.vmap, jax.checkpoint)")
 
 
 def _is_abstract(leaf) -> bool:
@@ -102,7 +161,9 @@ def find_layers(loss_fn: Callable[..., Any], params: Any, *args,
 
   Args:
     loss_fn: ``loss_fn(params, *args, **kwargs)`` applying Flax linen modules,
-      e.g. ``lambda p, x, y: xent(model.apply({'params': p}, x), y)``.
+      e.g. ``lambda p, x, y: xent(model.apply({'params': p}, x), y)``, or
+      Flax NNX ones, e.g. ``lambda p, x, y: xent(nnx.merge(graphdef, p)(x), y)``
+      with ``graphdef, params = nnx.split(model)``.
     params: the parameter pytree ``loss_fn`` takes (arrays or
       ``jax.ShapeDtypeStruct``); every registered layer's kernel must be a leaf
       of it.
@@ -139,33 +200,49 @@ def find_layers(loss_fn: Callable[..., Any], params: Any, *args,
     loss_trace = tracers.current_trace()
 
     def interceptor(next_fun, fn_args, fn_kwargs, context):
+      module = context.module
+      reason = _unsupported_call(context)
+      if reason is not None:
+        located = index.locate(module) if layers_lib.kind_of(module) else None
+        name = _scope_name(module) if located is None else located[0]
+        found.pop(name, None)
+        skipped.setdefault(name, layers_lib.Skipped(name, type(module).__name__, reason))
+        return next_fun(*fn_args, **fn_kwargs)
       if not _is_layer_call(context):
         return next_fun(*fn_args, **fn_kwargs)
-      module = context.module
       if tracers.current_trace() != loss_trace:
         name = _scope_name(module)
         skipped.setdefault(name, layers_lib.Skipped(name, type(module).__name__, _NESTED_REASON))
         return next_fun(*fn_args, **fn_kwargs)
       inputs = _call_input(fn_args, fn_kwargs)
       outputs = next_fun(*fn_args, **fn_kwargs)
+      kernel_param = layers_lib.kind_of(module).kernel_param
+      if _module_param(module, kernel_param) is None:
+        name = _scope_name(module)
+        skipped.setdefault(name, layers_lib.Skipped(
+            name, type(module).__name__, f"it has no {kernel_param!r} parameter"))
+        return outputs
       located = index.locate(module)
       if located is None:
         errors.append(
             f"layer {_scope_name(module)!r}: its parameters are not leaves of "
             "the params passed to find_layers (does the loss rebuild them?). "
-            "Pass the exact pytree the loss hands to model.apply.")
+            "Pass the exact pytree the loss hands to model.apply (Flax NNX: "
+            "build the model inside the loss with nnx.merge(graphdef, params) "
+            "instead of closing over it).")
         return outputs
       name, kernel_path, bias_path, kernel = located
       if name in found or name in skipped:
         return outputs  # a shared module: later calls add rows, not layers
       try:
         found[name] = layers_lib.kind_of(module).from_call(
-            module, name, kernel_path, bias_path, tuple(kernel.shape), inputs, outputs)
+            module, name, kernel_path, bias_path, tuple(kernel.shape), inputs, outputs,
+            fn_kwargs)
       except layers_lib.UnsupportedLayer as e:
         skipped[name] = layers_lib.Skipped(name, type(module).__name__, str(e))
       return outputs
 
-    with nn.intercept_methods(interceptor):
+    with _intercept_layers(interceptor):
       return loss_fn(params, *call_args, **call_kwargs)
 
   jax.eval_shape(traced, params, [leaves[i] for i in dynamic])
@@ -173,7 +250,8 @@ def find_layers(loss_fn: Callable[..., Any], params: Any, *args,
     raise ValueError("\n".join(errors))
   if not found and not skipped:
     raise ValueError(
-        "find_layers: loss_fn calls no flax.linen Dense or Conv layer; "
+        "find_layers: loss_fn calls no flax.linen Dense or Conv (nor Flax NNX "
+        "Linear or Conv) layer; "
         "K-FAC has nothing to precondition.")
   return layers_lib.LayerRegistry(tuple(found.values()), tuple(skipped.values()))
 
@@ -248,7 +326,7 @@ def value_and_grad(loss_fn: Callable[..., Any], has_aux: bool = False,
                tuple(sorted(collectives.varying_axes(outputs), key=str))))
         return outputs
 
-      with nn.intercept_methods(shape_interceptor):
+      with _intercept_layers(shape_interceptor):
         return loss_fn(params, *args, **kwargs)
 
     jax.eval_shape(shape_pass, params)
@@ -275,7 +353,7 @@ def value_and_grad(loss_fn: Callable[..., Any], has_aux: bool = False,
               "the loss function must call its layers deterministically.")
         return outputs + probes[name][call]
 
-      with nn.intercept_methods(interceptor):
+      with _intercept_layers(interceptor):
         loss, fisher_loss, aux = split(loss_fn(params, *args, **kwargs))
       recorded = (aux, {k: tuple(v) for k, v in inputs.items()})
       return ((loss, fisher_loss) if sampled else loss), recorded

@@ -77,16 +77,17 @@ def unpack(buffer: jax.Array, shapes: Sequence[tuple[int, ...]]) -> list[jax.Arr
 
 
 def upper_triangle(m: jax.Array) -> jax.Array:
-  """(n, n) -> (n (n + 1) / 2,): a symmetric matrix in half the words."""
-  rows, cols = np.triu_indices(m.shape[0])
-  return m[rows, cols]
+  """(..., n, n) -> (..., n (n + 1) / 2): symmetric blocks in half the words."""
+  rows, cols = np.triu_indices(m.shape[-1])
+  return m[..., rows, cols]
 
 
 def from_upper_triangle(v: jax.Array, n: int) -> jax.Array:
-  """The symmetric (n, n) matrix whose upper triangle is ``v``."""
+  """The symmetric (..., n, n) blocks whose upper triangles are ``v`` (..., n (n + 1) / 2)."""
   rows, cols = np.triu_indices(n)
-  upper = jnp.zeros((n, n), v.dtype).at[rows, cols].set(v)
-  return upper + upper.T - jnp.diag(jnp.diag(upper))
+  upper = jnp.zeros(v.shape[:-1] + (n, n), v.dtype).at[..., rows, cols].set(v)
+  strictly_lower = jnp.swapaxes(upper, -1, -2) * (1 - jnp.eye(n, dtype=v.dtype))
+  return upper + strictly_lower
 
 
 def pad_to(buffer: jax.Array, length: int) -> jax.Array:

@@ -4,25 +4,32 @@ For a layer with gradient matrix ∇ (g_size, a_size):
 * eigen: ``A = QA diag(dA) QAᵀ``, ``G = QG diag(dG) QGᵀ`` (eigenvalues clamped
   at 0), ``P = QG [(QGᵀ ∇ QA) / (dG dAᵀ + damping)] QAᵀ``;
 * inverse: ``P = (G + damping I)⁻¹ ∇ (A + damping I)⁻¹``.
+
+Layers with several blocks carry a leading blocks axis on every array and
+are preconditioned block by block. A diagonal A (Embed) is its own
+eigendecomposition: ``QA`` is the identity and is not stored (None).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Union
+from typing import NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 
 from kaisa_jax._src import factors as factors_lib
+from kaisa_jax._src import layers as layers_lib
 
 
 class Eigen(NamedTuple):
   """Eigenbases and eigenvalues; damping is added when preconditioning.
 
-  Shapes: a_eigvecs (a, a), g_eigvecs (g, g), a_eigvals (a,), g_eigvals (g,).
+  Shapes: a_eigvecs (a, a), g_eigvecs (g, g), a_eigvals (a,), g_eigvals (g,),
+  each with a leading blocks axis for a layer with several blocks;
+  a_eigvecs is None when A is diagonal.
   """
-  a_eigvecs: jax.Array
+  a_eigvecs: Optional[jax.Array]
   g_eigvecs: jax.Array
   a_eigvals: jax.Array
   g_eigvals: jax.Array
@@ -31,21 +38,27 @@ class Eigen(NamedTuple):
 class EigenOuter(NamedTuple):
   """Eigenbases and ``1 / (dG dAᵀ + damping)`` formed at decomposition time.
 
-  Shapes: a_eigvecs (a, a), g_eigvecs (g, g), inv_eigval_outer (g, a).
+  Shapes: a_eigvecs (a, a) (None when A is diagonal), g_eigvecs (g, g),
+  inv_eigval_outer (g, a); with a leading blocks axis for several blocks.
   """
-  a_eigvecs: jax.Array
+  a_eigvecs: Optional[jax.Array]
   g_eigvecs: jax.Array
   inv_eigval_outer: jax.Array
 
 
 class Inverse(NamedTuple):
-  """Damped inverses: a_inv (a, a) = (A + damping I)⁻¹, g_inv (g, g)."""
+  """Damped inverses: a_inv (a, a) = (A + damping I)⁻¹ ((a,) when A is
+  diagonal), g_inv (g, g); with a leading blocks axis for several blocks."""
   a_inv: jax.Array
   g_inv: jax.Array
 
 
 Decomposition = Union[Eigen, EigenOuter, Inverse]
 COMPUTE_METHODS = ("eigen", "inverse")
+
+
+def _transpose(m: jax.Array) -> jax.Array:
+  return jnp.swapaxes(m, -1, -2)
 
 
 def _eigh(factor: jax.Array, dtype):
@@ -56,18 +69,24 @@ def _eigh(factor: jax.Array, dtype):
 
 def _damped_inverse(factor: jax.Array, damping, dtype) -> jax.Array:
   m = factor.astype(dtype)
-  eye = jnp.eye(m.shape[0], dtype=dtype)
-  return jsl.cho_solve(jsl.cho_factor(m + damping * eye, lower=True), eye)
+  if m.ndim == 1:
+    return 1 / (m + damping)
+  eye = jnp.broadcast_to(jnp.eye(m.shape[-1], dtype=dtype), m.shape)
+  return jsl.cho_solve((jnp.linalg.cholesky(m + damping * eye), True), eye)
 
 
 def decompose_factor(factor: jax.Array, damping, method: str, dtype) -> tuple:
   """One factor's share of a decomposition, in ``dtype``.
 
-  'eigen': (eigenvectors (n, n), eigenvalues (n,) clamped at 0); 'inverse':
-  ((factor + damping I)⁻¹,). What an inverse worker computes and sends.
+  'eigen': (eigenvectors (n, n), eigenvalues (n,) clamped at 0), or
+  (eigenvalues,) for a diagonal (n,) factor; 'inverse': ((factor + damping
+  I)⁻¹,). Blocks (a leading axis) are decomposed independently. What an
+  inverse worker computes and sends.
   """
   if method == "inverse":
     return (_damped_inverse(factor, damping, dtype),)
+  if factor.ndim == 1:
+    return (jnp.maximum(factor.astype(dtype), 0),)
   vals, vecs = _eigh(factor, dtype)
   return vecs, vals
 
@@ -77,9 +96,10 @@ def assemble(a_parts: tuple, g_parts: tuple, damping, method: str,
   """A layer's decomposition from its A and G shares (``decompose_factor``)."""
   if method == "inverse":
     return Inverse(a_parts[0], g_parts[0])
-  (a_vecs, a_vals), (g_vecs, g_vals) = a_parts, g_parts
+  a_vecs, a_vals = a_parts if len(a_parts) == 2 else (None, a_parts[0])
+  g_vecs, g_vals = g_parts
   if outer:
-    return EigenOuter(a_vecs, g_vecs, 1 / (jnp.outer(g_vals, a_vals) + damping))
+    return EigenOuter(a_vecs, g_vecs, 1 / (g_vals[..., :, None] * a_vals[..., None, :] + damping))
   return Eigen(a_vecs, g_vecs, a_vals, g_vals)
 
 
@@ -98,26 +118,32 @@ def decomposition_type(method: str, outer: bool) -> type:
   return EigenOuter if outer else Eigen
 
 
-def field_shapes(kind: type, a_size: int, g_size: int) -> list[tuple[int, ...]]:
-  """The shapes of the fields of a ``kind`` decomposition for factor sizes (a, g)."""
-  dims = {"a": a_size, "g": g_size}
-  return [tuple(dims[c] for c in _AXES[field]) for field in kind._fields]
+def field_shapes(kind: type, a: layers_lib.FactorShape,
+                 g: layers_lib.FactorShape) -> list[Optional[tuple[int, ...]]]:
+  """The shape of each field of a ``kind`` decomposition (None: not stored)."""
+  shapes = {
+      "a_eigvecs": None if a.diagonal else a.shape,
+      "g_eigvecs": g.shape,
+      "a_eigvals": a.shape if a.diagonal else a.shape[:-1],
+      "g_eigvals": g.shape[:-1],
+      "inv_eigval_outer": g.shape[:-1] + (a.size,),
+      "a_inv": a.shape,
+      "g_inv": g.shape,
+  }
+  return [shapes[field] for field in kind._fields]
 
 
-# Which factor size each axis of each decomposition field has.
-_AXES = {"a_eigvecs": "aa", "g_eigvecs": "gg", "a_eigvals": "a", "g_eigvals": "g",
-         "inv_eigval_outer": "ga", "a_inv": "aa", "g_inv": "gg"}
-
-
-def identity_decomposition(a_size: int, g_size: int, damping, method: str,
-                           outer: bool, dtype) -> Decomposition:
+def identity_decomposition(a: layers_lib.FactorShape, g: layers_lib.FactorShape, damping,
+                           method: str, outer: bool, dtype) -> Decomposition:
   """The decomposition of identity factors, written down without any solve."""
-  eye_a, eye_g = jnp.eye(a_size, dtype=dtype), jnp.eye(g_size, dtype=dtype)
   if method == "inverse":
-    return Inverse(eye_a / (1 + damping), eye_g / (1 + damping))
-  if outer:
-    return EigenOuter(eye_a, eye_g, jnp.full((g_size, a_size), 1 / (1 + damping), dtype))
-  return Eigen(eye_a, eye_g, jnp.ones(a_size, dtype), jnp.ones(g_size, dtype))
+    return Inverse(a.identity(dtype) / (1 + damping), g.identity(dtype) / (1 + damping))
+  kind = decomposition_type(method, outer)
+  fill = {"a_eigvecs": a.identity(dtype), "g_eigvecs": g.identity(dtype),
+          "inv_eigval_outer": 1 / (1 + damping)}
+  return kind(*[None if shape is None else
+                jnp.broadcast_to(jnp.asarray(fill.get(field, 1), dtype), shape)
+                for field, shape in zip(kind._fields, field_shapes(kind, a, g))])
 
 
 def keep_if_finite(new: Decomposition, old: Decomposition):
@@ -128,13 +154,20 @@ def keep_if_finite(new: Decomposition, old: Decomposition):
 
 
 def precondition(d: Decomposition, grad: jax.Array, damping) -> jax.Array:
-  """The preconditioned gradient matrix, (g, a) in, (g, a) out, in d's dtype."""
+  """The preconditioned gradient matrix, (g, a) in, (g, a) out, in d's dtype.
+
+  With several blocks both are (blocks, g, a).
+  """
   grad = grad.astype(jax.tree.leaves(d)[0].dtype)
   if isinstance(d, Inverse):
-    return d.g_inv @ grad @ d.a_inv
-  v = d.g_eigvecs.T @ grad @ d.a_eigvecs
+    out = d.g_inv @ grad
+    return out * d.a_inv if d.a_inv.ndim == 1 else out @ d.a_inv
+  v = _transpose(d.g_eigvecs) @ grad
+  if d.a_eigvecs is not None:
+    v = v @ d.a_eigvecs
   if isinstance(d, EigenOuter):
     v = v * d.inv_eigval_outer
   else:
-    v = v / (jnp.outer(d.g_eigvals, d.a_eigvals) + damping)
-  return d.g_eigvecs @ v @ d.a_eigvecs.T
+    v = v / (d.g_eigvals[..., :, None] * d.a_eigvals[..., None, :] + damping)
+  v = d.g_eigvecs @ v
+  return v if d.a_eigvecs is None else v @ _transpose(d.a_eigvecs)

@@ -20,20 +20,26 @@ class LayerFactors(NamedTuple):
   """The running Kronecker factors of one layer.
 
   Attributes:
-    a_factor: (a_size, a_size) activation covariance.
-    g_factor: (g_size, g_size) output-gradient covariance.
+    a_factor: (a_size, a_size) activation covariance; (blocks, a_size,
+      a_size) for a layer with several blocks, (a_size,) when diagonal (see
+      ``layer.a_factor_shape``).
+    g_factor: (g_size, g_size) output-gradient covariance, or (blocks,
+      g_size, g_size).
   """
   a_factor: jax.Array
   g_factor: jax.Array
 
 
 def symmetrize(m: jax.Array) -> jax.Array:
-  return (m + m.T) / 2
+  """Each (n, n) block made exactly symmetric; a diagonal (n,) as it is."""
+  if m.ndim == 1:
+    return m
+  return (m + jnp.swapaxes(m, -1, -2)) / 2
 
 
 def identity_factors(layer: layers_lib.Layer, dtype) -> LayerFactors:
-  return LayerFactors(jnp.eye(layer.a_size, dtype=dtype),
-                      jnp.eye(layer.g_size, dtype=dtype))
+  return LayerFactors(layer.a_factor_shape.identity(dtype),
+                      layer.g_factor_shape.identity(dtype))
 
 
 def batch_factors(layer: layers_lib.Layer, capture: capture_lib.LayerCapture,
@@ -46,7 +52,8 @@ def batch_factors(layer: layers_lib.Layer, capture: capture_lib.LayerCapture,
     dtype: the dtype the covariances are computed in (``factor_dtype``).
 
   Returns:
-    ``LayerFactors`` with (a_size, a_size) and (g_size, g_size) matrices.
+    ``LayerFactors`` of the shapes ``layer.a_factor_shape`` and
+    ``layer.g_factor_shape`` give.
   """
   a_sum = g_sum = 0.0
   a_rows = g_rows = 0

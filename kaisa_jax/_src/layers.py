@@ -11,8 +11,11 @@ from a Flax module call by ``from_call``, and answers four questions:
   column in ``grad_matrix``);
 * ``kernel_from_matrix(matrix)``: the inverse of ``kernel_matrix``.
 
-Adding a layer kind means adding one class here and listing it in
-``LAYER_KINDS``.
+A kind also says how its factors are stored (``a_factor_shape``,
+``g_factor_shape``): one dense matrix each (Dense, Conv), ``blocks``
+independent Kronecker blocks (grouped convolutions, the per-feature blocks
+of normalisation layers), or a diagonal A (Embed). Adding a layer kind means
+adding one class here and listing it in ``LAYER_KINDS``.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import math
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
+from flax import nnx
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -31,6 +35,69 @@ KeyPath = tuple  # a jax key path into the params pytree
 
 # Conv patches are reduced in chunks of about this many bytes (see Conv.a_stats).
 _PATCH_CHUNK_BYTES = 4 * 2**20
+
+
+@dataclasses.dataclass(frozen=True)
+class FactorShape:
+  """How one Kronecker factor of a layer is stored.
+
+  Attributes:
+    size: n, the side of one block.
+    blocks: independent (n, n) blocks on the diagonal of the factor (the
+      layer's Fisher block is block-diagonal, one Kronecker product per
+      block); 1 for an ordinary dense factor.
+    diagonal: the factor is diagonal and stored as its (n,) diagonal.
+
+  The array is (n,) when diagonal, (n, n) for one block, else (blocks, n, n).
+  """
+  size: int
+  blocks: int = 1
+  diagonal: bool = False
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    if self.diagonal:
+      return (self.size,)
+    if self.blocks == 1:
+      return (self.size, self.size)
+    return (self.blocks, self.size, self.size)
+
+  @property
+  def words(self) -> int:
+    """Entries stored."""
+    return math.prod(self.shape)
+
+  def packed_words(self, symmetric: bool) -> int:
+    """Entries sent in a Factor-Reduce (the upper triangles when ``symmetric``)."""
+    if self.diagonal or not symmetric:
+      return self.words
+    return self.blocks * self.size * (self.size + 1) // 2
+
+  def decomposition_shapes(self, method: str) -> list[tuple[int, ...]]:
+    """Shapes of one factor's decomposition: 'eigen' (vectors, values), 'inverse' (inverse,).
+
+    A diagonal factor is its own eigendecomposition: values only, and its
+    damped inverse is a vector.
+    """
+    if method == "inverse" or self.diagonal:
+      return [self.shape]
+    return [self.shape, self.shape[:-1]]
+
+  def cost(self, power: int) -> float:
+    """Decomposition cost: n^power per block (n for a diagonal)."""
+    if self.diagonal:
+      return float(self.size)
+    return self.blocks * float(self.size) ** power
+
+  def identity(self, dtype) -> jax.Array:
+    if self.diagonal:
+      return jnp.ones(self.shape, dtype)
+    return jnp.broadcast_to(jnp.eye(self.size, dtype=dtype), self.shape)
+
+  def __str__(self) -> str:
+    if self.diagonal:
+      return f"{self.size} (diag)"
+    return str(self.size) if self.blocks == 1 else f"{self.blocks}x{self.size}"
 
 
 def _block_covariance(x: jax.Array, with_ones: bool) -> jax.Array:
@@ -42,13 +109,16 @@ def _block_covariance(x: jax.Array, with_ones: bool) -> jax.Array:
 
 
 def _with_ones_column(xtx, col_sums, rows: int, with_ones: bool) -> jax.Array:
-  """Borders ``xᵀx`` (n, n) with the column sums and the row count: ``[x, 1]ᵀ[x, 1]``."""
+  """Borders ``xᵀx`` (..., n, n) with the column sums (..., n) and the row count.
+
+  The result is ``[x, 1]ᵀ[x, 1]``, (..., n+1, n+1), block by block.
+  """
   if not with_ones:
     return xtx
-  rows = jnp.asarray(rows, xtx.dtype)
-  top = jnp.concatenate([xtx, col_sums[:, None]], axis=1)
-  bottom = jnp.concatenate([col_sums, rows[None]])[None, :]
-  return jnp.concatenate([top, bottom], axis=0)
+  rows = jnp.full(col_sums.shape[:-1] + (1,), rows, xtx.dtype)
+  top = jnp.concatenate([xtx, col_sums[..., :, None]], axis=-1)
+  bottom = jnp.concatenate([col_sums, rows], axis=-1)[..., None, :]
+  return jnp.concatenate([top, bottom], axis=-2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +137,18 @@ class Layer:
   kernel_shape: tuple[int, ...]
 
   kind = "layer"
+  # The names of the module's parameters that play the kernel and the bias.
+  kernel_param = "kernel"
+  bias_param = "bias"
+  # Methods other than __call__ that use the kernel: a module calling one is
+  # listed as skipped, since its factors would miss that use.
+  other_kernel_methods: tuple[str, ...] = ()
+  a_diagonal = False
+  modules: tuple[type, ...] = ()  # the Flax linen and NNX classes of this kind
+
+  @classmethod
+  def matches(cls, module) -> bool:
+    return isinstance(module, cls.modules)
 
   @property
   def has_bias(self) -> bool:
@@ -74,14 +156,39 @@ class Layer:
 
   @property
   def a_size(self) -> int:
+    """Side of one block of A (the bias adds one)."""
     raise NotImplementedError
 
   @property
   def g_size(self) -> int:
+    """Side of one block of G."""
     raise NotImplementedError
 
+  @property
+  def blocks(self) -> int:
+    """Independent Kronecker blocks of the layer's Fisher block."""
+    return 1
+
+  @property
+  def a_factor_shape(self) -> FactorShape:
+    return FactorShape(self.a_size, self.blocks, self.a_diagonal)
+
+  @property
+  def g_factor_shape(self) -> FactorShape:
+    return FactorShape(self.g_size, self.blocks)
+
+  @property
+  def grad_shape(self) -> tuple[int, ...]:
+    """(g_size, a_size), or (blocks, g_size, a_size) with several blocks."""
+    mat = (self.g_size, self.a_size)
+    return mat if self.blocks == 1 else (self.blocks,) + mat
+
+  @property
+  def bias_shape(self) -> tuple[int, ...]:
+    return (self.blocks * self.g_size,)
+
   def kernel_matrix(self, kernel) -> jax.Array:
-    """The kernel as a (g_size, a_size - bias) matrix."""
+    """The kernel as the gradient matrix without its bias column."""
     raise NotImplementedError
 
   def kernel_from_matrix(self, mat) -> jax.Array:
@@ -89,16 +196,16 @@ class Layer:
     raise NotImplementedError
 
   def grad_matrix(self, kernel, bias) -> jax.Array:
-    """(g_size, a_size): the kernel matrix with the bias as the last column."""
+    """``grad_shape``: the kernel matrix with the bias as the last column."""
     mat = self.kernel_matrix(kernel)
     if self.has_bias:
-      mat = jnp.concatenate([mat, bias[:, None]], axis=1)
+      mat = jnp.concatenate([mat, bias.reshape(mat.shape[:-1] + (1,))], axis=-1)
     return mat
 
   def from_matrix(self, mat) -> tuple[jax.Array, Optional[jax.Array]]:
-    """(kernel, bias or None) from a (g_size, a_size) matrix."""
+    """(kernel, bias or None) from a ``grad_shape`` matrix."""
     if self.has_bias:
-      return self.kernel_from_matrix(mat[:, :-1]), mat[:, -1]
+      return self.kernel_from_matrix(mat[..., :-1]), mat[..., -1].reshape(self.bias_shape)
     return self.kernel_from_matrix(mat), None
 
 
@@ -124,24 +231,33 @@ class Dense(Layer):
   weight_sharing: str = "expand"
 
   kind = "dense"
+  modules = (nn.Dense, nnx.Linear)
+
+  @property
+  def in_features(self) -> int:
+    return self.kernel_shape[0]
 
   @property
   def a_size(self) -> int:
-    return self.kernel_shape[0] + int(self.has_bias)
+    return self.in_features + int(self.has_bias)
 
   @property
   def g_size(self) -> int:
-    return self.kernel_shape[1]
-
-  @classmethod
-  def matches(cls, module: nn.Module) -> bool:
-    return isinstance(module, nn.Dense)
+    return math.prod(self.kernel_shape) // self.in_features
 
   @classmethod
   def from_call(cls, module, name, kernel_path, bias_path, kernel_shape,
-                inputs, outputs) -> "Dense":
-    del module, inputs, outputs
+                inputs, outputs, call_kwargs) -> "Dense":
+    del module, inputs, outputs, call_kwargs
     return cls(name, kernel_path, bias_path, tuple(kernel_shape))
+
+  def _input_features(self, inputs: jax.Array) -> jax.Array:
+    """The input as (batch, *positions, in_features)."""
+    return inputs
+
+  def _output_features(self, out_grads: jax.Array) -> jax.Array:
+    """The output gradients as (batch, *positions, g_size)."""
+    return out_grads
 
   def _rows(self, x: jax.Array, combine) -> jax.Array:
     """(batch, *positions, n) -> the (rows, n) matrix the factor is made of."""
@@ -150,15 +266,107 @@ class Dense(Layer):
     return x.reshape(-1, x.shape[-1])
 
   def a_stats(self, inputs: jax.Array, dtype) -> tuple[jax.Array, int]:
-    x = self._rows(inputs.astype(dtype), jnp.mean)
+    x = self._rows(self._input_features(inputs.astype(dtype)), jnp.mean)
     return _block_covariance(x, self.has_bias), x.shape[0]
 
   def g_stats(self, out_grads: jax.Array, dtype) -> tuple[jax.Array, int]:
-    g = self._rows(out_grads.astype(dtype), jnp.sum)
+    g = self._rows(self._output_features(out_grads.astype(dtype)), jnp.sum)
     return g.T @ g, g.shape[0]
 
   def kernel_matrix(self, kernel) -> jax.Array:
-    return kernel.T  # (in, out) -> (out, in)
+    return kernel.reshape(self.in_features, -1).T  # (in, out) -> (out, in)
+
+  def kernel_from_matrix(self, mat) -> jax.Array:
+    return mat.T.reshape(self.kernel_shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseGeneral(Dense):
+  """``flax.linen.DenseGeneral``: contracts ``in_axes`` of the input.
+
+  kernel: (*in_dims, *features), e.g. (d, heads, head_dim) for an attention
+  query projection or (heads, head_dim, d) for its output projection. The
+  kernel is the (prod(features), prod(in_dims)) matrix over the flattened
+  axes, the input axes that are not contracted are positions (weight
+  sharing as in ``Dense``), and the bias has the shape of ``features``.
+  """
+  in_axes: tuple[int, ...] = (-1,)  # negative, increasing
+
+  kind = "dense_general"
+  modules = (nn.DenseGeneral,)
+
+  @property
+  def in_features(self) -> int:
+    return math.prod(self.kernel_shape[:len(self.in_axes)])
+
+  @property
+  def bias_shape(self) -> tuple[int, ...]:
+    return self.kernel_shape[len(self.in_axes):]
+
+  @classmethod
+  def from_call(cls, module, name, kernel_path, bias_path, kernel_shape,
+                inputs, outputs, call_kwargs) -> "DenseGeneral":
+    del outputs, call_kwargs
+    if module.batch_dims:
+      raise UnsupportedLayer(f"DenseGeneral with batch_dims={module.batch_dims}")
+    axes = (module.axis,) if isinstance(module.axis, int) else tuple(module.axis)
+    in_axes = tuple(sorted(a % inputs.ndim - inputs.ndim for a in axes))
+    if in_axes[0] == -inputs.ndim:
+      raise UnsupportedLayer("DenseGeneral contracting the leading (batch) axis")
+    if in_axes != tuple(range(-len(in_axes), 0)):
+      raise UnsupportedLayer(
+          f"DenseGeneral contracting axes {axes} that are not the last ones")
+    return cls(name, kernel_path, bias_path, tuple(kernel_shape), in_axes=in_axes)
+
+  def _input_features(self, inputs: jax.Array) -> jax.Array:
+    return inputs.reshape(inputs.shape[:inputs.ndim - len(self.in_axes)] + (-1,))
+
+  def _output_features(self, out_grads: jax.Array) -> jax.Array:
+    n_out = len(self.bias_shape)
+    return out_grads.reshape(out_grads.shape[:out_grads.ndim - n_out] + (-1,))
+
+
+@dataclasses.dataclass(frozen=True)
+class Embed(Layer):
+  """``flax.linen.Embed``: a table (num_embeddings, features) indexed by token ids.
+
+  A token's activation is its one-hot vector, so A is diagonal (the token
+  frequencies, ``counts / rows``) and kept as a vector: no V x V matrix, no
+  eigendecomposition. G is the covariance of the gradients of the looked-up
+  rows; the gradient matrix is the table transposed, (features, V).
+  """
+  kind = "embed"
+  modules = (nn.Embed, nnx.Embed)
+  kernel_param = "embedding"
+  bias_param = None
+  other_kernel_methods = ("attend",)
+  a_diagonal = True
+
+  @property
+  def a_size(self) -> int:
+    return self.kernel_shape[0]
+
+  @property
+  def g_size(self) -> int:
+    return self.kernel_shape[1]
+
+  @classmethod
+  def from_call(cls, module, name, kernel_path, bias_path, kernel_shape,
+                inputs, outputs, call_kwargs) -> "Embed":
+    del module, inputs, outputs, call_kwargs
+    return cls(name, kernel_path, bias_path, tuple(kernel_shape))
+
+  def a_stats(self, inputs: jax.Array, dtype) -> tuple[jax.Array, int]:
+    ids = inputs.reshape(-1)
+    counts = jnp.zeros((self.a_size,), dtype).at[ids].add(1)  # ids out of range add nothing
+    return counts, ids.shape[0]
+
+  def g_stats(self, out_grads: jax.Array, dtype) -> tuple[jax.Array, int]:
+    g = out_grads.reshape(-1, self.g_size).astype(dtype)
+    return g.T @ g, g.shape[0]
+
+  def kernel_matrix(self, kernel) -> jax.Array:
+    return kernel.T  # (V, features) -> (features, V)
 
   def kernel_from_matrix(self, mat) -> jax.Array:
     return mat.T
@@ -182,7 +390,7 @@ def _canonical_padding(padding: Any, kernel_size: Sequence[int],
       if n != 1:
         raise ValueError(f"layer {name!r}: CAUSAL padding is only defined for 1-D convolutions.")
       return (((kernel_size[0] - 1) * kernel_dilation[0], 0),), False
-    raise ValueError(f"layer {name!r}: unknown padding {padding!r}.")
+    raise UnsupportedLayer(f"padding {padding!r}")
   if isinstance(padding, int):
     return tuple((padding, padding) for _ in range(n)), False
   pairs = []
@@ -209,10 +417,14 @@ def _as_tuple(value, n: int) -> tuple[int, ...]:
 class Conv(Layer):
   """``flax.linen.Conv`` with any number of spatial dims, channels last.
 
-  kernel: (*kernel_size, in_channels, out_channels). The activation rows are
-  the im2col patches, ordered channel-major (channel, then kernel position),
-  the order of PyTorch's (out, in, *kernel) weight flattening.
+  kernel: (*kernel_size, in_channels / groups, out_channels). The activation
+  rows are the im2col patches, ordered channel-major (channel, then kernel
+  position), the order of PyTorch's (out, in, *kernel) weight flattening.
+  A grouped convolution (``feature_group_count`` = groups > 1, depthwise
+  when every group has one input channel) has one Kronecker block per
+  group: its input channels' patches against its output channels.
   """
+  groups: int = 1
   strides: tuple[int, ...] = ()
   padding: Any = "SAME"  # 'SAME', 'VALID', 'SAME_LOWER' or ((lo, hi), ...)
   circular: bool = False
@@ -220,6 +432,7 @@ class Conv(Layer):
   kernel_dilation: tuple[int, ...] = ()
 
   kind = "conv"
+  modules = (nn.Conv, nnx.Conv)
 
   @property
   def kernel_size(self) -> tuple[int, ...]:
@@ -231,18 +444,16 @@ class Conv(Layer):
 
   @property
   def g_size(self) -> int:
-    return self.kernel_shape[-1]
+    return self.kernel_shape[-1] // self.groups
 
-  @classmethod
-  def matches(cls, module: nn.Module) -> bool:
-    return isinstance(module, nn.Conv)
+  @property
+  def blocks(self) -> int:
+    return self.groups
 
   @classmethod
   def from_call(cls, module, name, kernel_path, bias_path, kernel_shape,
-                inputs, outputs) -> "Conv":
-    if module.feature_group_count != 1:
-      raise UnsupportedLayer(
-          f"grouped convolution (feature_group_count={module.feature_group_count})")
+                inputs, outputs, call_kwargs) -> "Conv":
+    del call_kwargs
     if getattr(module, "mask", None) is not None:
       raise UnsupportedLayer("masked convolution")
     n = len(kernel_shape) - 2
@@ -250,7 +461,7 @@ class Conv(Layer):
     padding, circular = _canonical_padding(
         module.padding, kernel_shape[:-2], kernel_dilation, name)
     layer = cls(name, kernel_path, bias_path, tuple(kernel_shape),
-                strides=_as_tuple(module.strides, n), padding=padding,
+                groups=int(module.feature_group_count), strides=_as_tuple(module.strides, n), padding=padding,
                 circular=circular,
                 input_dilation=_as_tuple(module.input_dilation, n),
                 kernel_dilation=kernel_dilation)
@@ -318,11 +529,15 @@ class Conv(Layer):
     per_chunk = -(-examples // chunks)  # even chunks: the least padding
     chunks = -(-examples // per_chunk)
 
-    def reduce_chunk(sums, chunk):
-      a = self._patches(chunk).reshape(-1, features)  # (chunk*S, C*k)
-      return (sums[0] + a.T @ a, sums[1] + jnp.sum(a, axis=0)), None
+    # Channel-major patches put each group's channels side by side.
+    per_group = features // self.groups
 
-    zeros = (jnp.zeros((features, features), dtype), jnp.zeros((features,), dtype))
+    def reduce_chunk(sums, chunk):
+      a = self._patches(chunk).reshape(-1, self.groups, per_group)  # (chunk*S, groups, C/groups*k)
+      return (sums[0] + jnp.einsum("rgi,rgj->gij", a, a), sums[1] + jnp.sum(a, axis=0)), None
+
+    zeros = (jnp.zeros((self.groups, per_group, per_group), dtype),
+             jnp.zeros((self.groups, per_group), dtype))
     if chunks == 1:
       (xtx, col_sums), _ = reduce_chunk(zeros, x)
     else:
@@ -332,25 +547,209 @@ class Conv(Layer):
     rows = examples * positions
     # The reference divides the patches (and the ones column) by S.
     cov = _with_ones_column(xtx, col_sums, rows, self.has_bias) / (positions * positions)
-    return cov, rows
+    return (cov[0] if self.groups == 1 else cov), rows
 
   def g_stats(self, out_grads: jax.Array, dtype) -> tuple[jax.Array, int]:
     n = len(self.kernel_size)
     positions = math.prod(out_grads.shape[-n - 1:-1])
-    g = out_grads.reshape(-1, out_grads.shape[-1]).astype(dtype)
-    return (g.T @ g) / (positions * positions), g.shape[0]
+    g = out_grads.reshape(-1, self.groups, self.g_size).astype(dtype)
+    cov = jnp.einsum("rgi,rgj->gij", g, g) / (positions * positions)
+    return (cov[0] if self.groups == 1 else cov), g.shape[0]
 
   def kernel_matrix(self, kernel) -> jax.Array:
     n = len(self.kernel_size)
-    # (*k, C, O) -> (O, C, *k) -> (O, C * prod(k)), channel-major like the patches.
+    # (*k, C, O) -> (O, C, *k) -> (O, C * prod(k)), channel-major like the
+    # patches; grouped: (groups, O / groups, C / groups * prod(k)).
     mat = jnp.transpose(kernel, (n + 1, n) + tuple(range(n)))
-    return mat.reshape(mat.shape[0], -1)
+    mat = mat.reshape(self.groups, self.g_size, -1)
+    return mat[0] if self.groups == 1 else mat
 
   def kernel_from_matrix(self, mat) -> jax.Array:
     n = len(self.kernel_size)
     out_ch, in_ch = self.kernel_shape[-1], self.kernel_shape[-2]
     kernel = mat.reshape((out_ch, in_ch) + self.kernel_size)
     return jnp.transpose(kernel, tuple(range(2, n + 2)) + (1, 0))
+
+
+def _axes(value, ndim: int) -> tuple[int, ...]:
+  """Axis arguments as sorted non-negative ints."""
+  axes = (value,) if isinstance(value, int) else tuple(value)
+  return tuple(sorted(a % ndim for a in axes))
+
+
+@dataclasses.dataclass(frozen=True)
+class ScaleAndShift(Layer):
+  """A normalisation layer's per-feature ``y = x̂ · scale + bias`` (features last).
+
+  Feature i has its own 2 x 2 Fisher block (1 x 1 without a bias),
+  Kronecker-factored like a one-input Dense layer per feature:
+  ``A_i = mean [x̂_i, 1]ᵀ[x̂_i, 1]`` over the rows (every position of every
+  example, as a convolution's), ``G_i = mean g_i²``, with g the gradient
+  with respect to y. So ``blocks`` = features, ``a_size`` = 1 + bias,
+  ``g_size`` = 1, and the gradient matrix of feature i is
+  ``[∂scale_i, ∂bias_i]``. ``x̂`` is recomputed from the layer input by
+  ``normalized``, in at least float32 as Flax does.
+  """
+  epsilon: float = 1e-6
+  reduction_axes: tuple[int, ...] = (-1,)  # negative
+  use_fast_variance: bool = True
+
+  kernel_param = "scale"
+
+  @property
+  def a_size(self) -> int:
+    return 1 + int(self.has_bias)
+
+  @property
+  def g_size(self) -> int:
+    return 1
+
+  @property
+  def blocks(self) -> int:
+    return self.kernel_shape[0]
+
+  @classmethod
+  def _check_call(cls, module, kernel_shape, inputs, call_kwargs):
+    if getattr(module, "axis_name", None) is not None:
+      raise UnsupportedLayer(
+          f"{type(module).__name__} with statistics over the device axis {module.axis_name!r}")
+    if call_kwargs.get("mask") is not None:
+      raise UnsupportedLayer(f"{type(module).__name__} called with a mask")
+    if tuple(kernel_shape) != (inputs.shape[-1],):
+      raise UnsupportedLayer(
+          f"{type(module).__name__} with scale shape {tuple(kernel_shape)}: only one "
+          "feature axis, the last, is supported")
+
+  def _moments(self, x: jax.Array, axes: tuple[int, ...]):
+    """(mean, variance) over ``axes``, the way Flax computes them."""
+    mean = jnp.mean(x, axes, keepdims=True)
+    if self.use_fast_variance:
+      var = jnp.maximum(jnp.mean(x * x, axes, keepdims=True) - mean * mean, 0)
+    else:
+      var = jnp.mean(jnp.square(x - mean), axes, keepdims=True)
+    return mean, var
+
+  def normalized(self, x: jax.Array) -> jax.Array:
+    """x̂, the input normalised as the layer does, same shape (here: standardised
+    over ``reduction_axes``, as LayerNorm and BatchNorm do)."""
+    mean, var = self._moments(x, self.reduction_axes)
+    return (x - mean) * lax.rsqrt(var + self.epsilon)
+
+  def a_stats(self, inputs: jax.Array, dtype) -> tuple[jax.Array, int]:
+    x = inputs.astype(jnp.promote_types(inputs.dtype, jnp.float32))
+    xh = self.normalized(x).astype(dtype).reshape(-1, self.blocks)  # (rows, features)
+    rows = xh.shape[0]
+    # Per feature [x̂, 1]ᵀ[x̂, 1]: (features, a_size, a_size).
+    cov = jnp.sum(xh * xh, axis=0)[:, None, None]
+    return _with_ones_column(cov, jnp.sum(xh, axis=0)[:, None], rows, self.has_bias), rows
+
+  def g_stats(self, out_grads: jax.Array, dtype) -> tuple[jax.Array, int]:
+    g = out_grads.reshape(-1, self.blocks).astype(dtype)
+    return jnp.sum(g * g, axis=0)[:, None, None], g.shape[0]
+
+  def kernel_matrix(self, kernel) -> jax.Array:
+    return kernel.reshape(self.blocks, 1, 1)
+
+  def kernel_from_matrix(self, mat) -> jax.Array:
+    return mat.reshape(self.kernel_shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerNorm(ScaleAndShift):
+  """``flax.linen.LayerNorm``: statistics over ``reduction_axes`` of each row."""
+  kind = "layer_norm"
+  modules = (nn.LayerNorm, nnx.LayerNorm)
+
+  @classmethod
+  def from_call(cls, module, name, kernel_path, bias_path, kernel_shape,
+                inputs, outputs, call_kwargs) -> "LayerNorm":
+    del outputs
+    cls._check_call(module, kernel_shape, inputs, call_kwargs)
+    if _axes(module.feature_axes, inputs.ndim) != (inputs.ndim - 1,):
+      raise UnsupportedLayer(f"LayerNorm with feature_axes={module.feature_axes}")
+    axes = tuple(a - inputs.ndim for a in _axes(module.reduction_axes, inputs.ndim))
+    return cls(name, kernel_path, bias_path, tuple(kernel_shape), epsilon=module.epsilon,
+               reduction_axes=axes, use_fast_variance=module.use_fast_variance)
+
+
+@dataclasses.dataclass(frozen=True)
+class RMSNorm(ScaleAndShift):
+  """``flax.linen.RMSNorm``: ``x̂ = x / sqrt(mean(x²) + ε)``; scale only."""
+  kind = "rms_norm"
+  modules = (nn.RMSNorm, nnx.RMSNorm)
+
+  @classmethod
+  def from_call(cls, module, name, kernel_path, bias_path, kernel_shape,
+                inputs, outputs, call_kwargs) -> "RMSNorm":
+    del outputs
+    cls._check_call(module, kernel_shape, inputs, call_kwargs)
+    if _axes(module.feature_axes, inputs.ndim) != (inputs.ndim - 1,):
+      raise UnsupportedLayer(f"RMSNorm with feature_axes={module.feature_axes}")
+    axes = tuple(a - inputs.ndim for a in _axes(module.reduction_axes, inputs.ndim))
+    return cls(name, kernel_path, bias_path, tuple(kernel_shape), epsilon=module.epsilon,
+               reduction_axes=axes)
+
+  def normalized(self, x):
+    return x * lax.rsqrt(jnp.mean(x * x, self.reduction_axes, keepdims=True) + self.epsilon)
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupNorm(ScaleAndShift):
+  """``flax.linen.GroupNorm``: statistics per example over each group of channels."""
+  num_groups: int = 1
+
+  kind = "group_norm"
+  modules = (nn.GroupNorm, nnx.GroupNorm)
+
+  @classmethod
+  def from_call(cls, module, name, kernel_path, bias_path, kernel_shape,
+                inputs, outputs, call_kwargs) -> "GroupNorm":
+    del outputs
+    cls._check_call(module, kernel_shape, inputs, call_kwargs)
+    channels = inputs.shape[-1]
+    groups = (channels // module.group_size if module.group_size is not None
+              else module.num_groups)
+    ndim = inputs.ndim
+    # Flax's reduction axes end with the channel axis; the others (by default
+    # every axis but the batch) keep their place in the (..., groups,
+    # channels / groups) view, where the channels within a group are the last.
+    axes = (range(1, ndim - 1) if module.reduction_axes is None
+            else _axes(module.reduction_axes, ndim)[:-1])
+    axes = tuple(a - (ndim + 1) for a in axes) + (-1,)
+    return cls(name, kernel_path, bias_path, tuple(kernel_shape), epsilon=module.epsilon,
+               reduction_axes=axes, use_fast_variance=module.use_fast_variance,
+               num_groups=int(groups))
+
+  def normalized(self, x):
+    grouped = x.reshape(x.shape[:-1] + (self.num_groups, -1))
+    mean, var = self._moments(grouped, self.reduction_axes)
+    return ((grouped - mean) * lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchNorm(ScaleAndShift):
+  """``flax.linen.BatchNorm`` in training mode: statistics of the batch.
+
+  Its running averages only matter at evaluation; the loss K-FAC follows is
+  the training one, normalised by the statistics of the batch itself.
+  """
+  kind = "batch_norm"
+  modules = (nn.BatchNorm, nnx.BatchNorm)
+
+  @classmethod
+  def from_call(cls, module, name, kernel_path, bias_path, kernel_shape,
+                inputs, outputs, call_kwargs) -> "BatchNorm":
+    del outputs
+    cls._check_call(module, kernel_shape, inputs, call_kwargs)
+    running = nn.merge_param("use_running_average", module.use_running_average,
+                             call_kwargs.get("use_running_average"))
+    if running:
+      raise UnsupportedLayer("BatchNorm called with use_running_average=True (evaluation mode)")
+    if _axes(module.axis, inputs.ndim) != (inputs.ndim - 1,):
+      raise UnsupportedLayer(f"BatchNorm with axis={module.axis}")
+    axes = tuple(range(-inputs.ndim, -1))
+    return cls(name, kernel_path, bias_path, tuple(kernel_shape), epsilon=module.epsilon,
+               reduction_axes=axes, use_fast_variance=module.use_fast_variance)
 
 
 class UnsupportedLayer(Exception):
@@ -365,7 +764,28 @@ class Skipped:
   reason: str
 
 
-LAYER_KINDS = (Dense, Conv)
+# Flax layers with parameters that no kind handles (yet): find_layers lists
+# them as skipped instead of leaving them unnoticed.
+_UNSUPPORTED_MODULES = (
+    ((nn.Einsum, nnx.Einsum), "Einsum projections are not supported yet"),
+    ((nn.ConvTranspose, nnx.ConvTranspose), "transposed convolutions are not supported yet"),
+    ((nn.ConvLocal,), "unshared (local) convolutions are not supported yet"),
+    ((nnx.LinearGeneral,), "nnx.LinearGeneral is not supported yet (linen's DenseGeneral is)"),
+)
+
+
+def unsupported_reason(module: nn.Module) -> Optional[str]:
+  """Why a Flax layer that no kind handles cannot be preconditioned, or None."""
+  if kind_of(module) is not None:
+    return None
+  for classes, reason in _UNSUPPORTED_MODULES:
+    if isinstance(module, classes):
+      return reason
+  return None
+
+
+# Most specific first: a kind's ``matches`` may accept subclasses.
+LAYER_KINDS = (DenseGeneral, Dense, Conv, Embed, LayerNorm, RMSNorm, GroupNorm, BatchNorm)
 
 
 def kind_of(module: nn.Module):
@@ -405,7 +825,8 @@ class LayerRegistry:
 
   def table(self) -> str:
     rows = [("layer", "kind", "A size", "G size")]
-    rows += [(l.name, l.kind, str(l.a_size), str(l.g_size)) for l in self.layers]
+    rows += [(l.name, l.kind, str(l.a_factor_shape), str(l.g_factor_shape))
+             for l in self.layers]
     rows += [(s.name, f"skipped: {s.reason}", "-", "-") for s in self.skipped]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w)

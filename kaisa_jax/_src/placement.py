@@ -25,6 +25,7 @@ import dataclasses
 import math
 from typing import Optional, Sequence
 
+from kaisa_jax._src import eigen as eigen_lib
 from kaisa_jax._src import layers as layers_lib
 
 COST_MODELS = ("compute", "memory")
@@ -36,16 +37,34 @@ class LayerPlacement:
 
   Attributes:
     name: the layer name.
-    a_size, g_size: its factor sizes.
+    a_shape, g_shape: how its factors are stored (``FactorShape``: block
+      side, blocks, diagonal).
     column: its grad-worker group (index into ``Placement.columns``).
     a_worker, g_worker: the devices that decompose A and G.
   """
   name: str
-  a_size: int
-  g_size: int
+  a_shape: layers_lib.FactorShape
+  g_shape: layers_lib.FactorShape
   column: int
   a_worker: int
   g_worker: int
+
+  @property
+  def a_size(self) -> int:
+    return self.a_shape.size
+
+  @property
+  def g_size(self) -> int:
+    return self.g_shape.size
+
+  @property
+  def grad_shape(self) -> tuple[int, ...]:
+    """Its gradient matrix: (g, a), or (blocks, g, a)."""
+    return self.g_shape.shape[:-1] + (self.a_shape.size,)
+
+  @property
+  def grad_words(self) -> int:
+    return math.prod(self.grad_shape)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,46 +122,41 @@ class Placement:
     """Length of a device's packed eigen data (the largest column's), with several columns."""
     per_column = [0] * self.num_columns
     for l in self.layers:
-      per_column[l.column] += self.stored_words(l.a_size, l.g_size)
+      per_column[l.column] += self.stored_words(l)
     return max(per_column)
 
   # ------------------------------------------------------------- byte counts
 
-  def _factor_words(self, n: int) -> int:
-    return n * (n + 1) // 2 if self.symmetric_factors else n * n
-
-  def _decomposition_words(self, n: int) -> int:
+  def _decomposition_words(self, factor: layers_lib.FactorShape) -> int:
     """Words one factor's decomposition sends: eigenvectors (+ values) or inverse."""
-    return n * n + (n if self.compute_method == "eigen" else 0)
+    return sum(math.prod(s) for s in factor.decomposition_shapes(self.compute_method))
 
-  def stored_words(self, a: int, g: int) -> int:
+  def stored_words(self, layer: LayerPlacement) -> int:
     """Words a layer's decomposition keeps in the state."""
-    if self.compute_method == "inverse":
-      return a * a + g * g
-    if self.eigenvalue_outer_product:
-      return a * a + g * g + g * a
-    return a * a + g * g + a + g
+    kind = eigen_lib.decomposition_type(self.compute_method, self.eigenvalue_outer_product)
+    return sum(math.prod(shape) for shape in eigen_lib.field_shapes(kind, layer.a_shape, layer.g_shape)
+               if shape is not None)
 
   def outbox_words(self) -> int:
     """Length of the decomposition-step buffer every device sends (the largest)."""
     per_device = [0] * self.num_devices
     for l in self.layers:
-      per_device[l.a_worker] += self._decomposition_words(l.a_size)
-      per_device[l.g_worker] += self._decomposition_words(l.g_size)
+      per_device[l.a_worker] += self._decomposition_words(l.a_shape)
+      per_device[l.g_worker] += self._decomposition_words(l.g_shape)
     return max(per_device)
 
   def gradient_words(self) -> int:
     """Length of the ordinary-step buffer every device sends (the largest column)."""
     per_column = [0] * self.num_columns
     for l in self.layers:
-      per_column[l.column] += l.a_size * l.g_size
+      per_column[l.column] += l.grad_words
     return max(per_column)
 
   def device_bytes(self) -> list[dict]:
     """Per device: bytes of the factors and of the eigen data in its state."""
-    factors = sum(l.a_size ** 2 + l.g_size ** 2 for l in self.layers) * self.factor_itemsize
+    factors = sum(l.a_shape.words + l.g_shape.words for l in self.layers) * self.factor_itemsize
     if self.num_columns == 1:
-      eigen = sum(self.stored_words(l.a_size, l.g_size) for l in self.layers)
+      eigen = sum(self.stored_words(l) for l in self.layers)
     else:
       eigen = self.local_words()
     eigen *= self.inv_itemsize
@@ -167,12 +181,13 @@ class Placement:
     if n == 1:
       return []
     # Kernel and bias of a layer are its (g, a) gradient matrix; float32 params assumed.
-    registered = sum(l.a_size * l.g_size for l in self.layers) * 4
+    registered = sum(l.grad_words for l in self.layers) * 4
     out = [{"step": "every step", "op": "all-reduce", "what": "gradients (mean)",
             "group_size": n, "bytes": None, "registered_bytes": registered},
            {"step": "factor step", "op": "all-reduce", "what": "batch factors (mean)",
             "group_size": n,
-            "bytes": sum(self._factor_words(l.a_size) + self._factor_words(l.g_size)
+            "bytes": sum(l.a_shape.packed_words(self.symmetric_factors)
+                         + l.g_shape.packed_words(self.symmetric_factors)
                          for l in self.layers) * self.factor_itemsize}]
 
     def gathering(step, what, group_size, width):
@@ -196,7 +211,7 @@ class Placement:
              f"worker(s) per layer ({self.strategy}), {c} grad-worker group(s)"]
     rows = [("layer", "A size", "G size", "A worker", "G worker", "grad workers")]
     for l in self.layers:
-      rows.append((l.name, str(l.a_size), str(l.g_size), str(l.a_worker), str(l.g_worker),
+      rows.append((l.name, str(l.a_shape), str(l.g_shape), str(l.a_worker), str(l.g_worker),
                    ",".join(map(str, self.columns[l.column]))))
     lines += _format(rows)
     lines.append("")
@@ -259,12 +274,12 @@ def plan(layers: Sequence[layers_lib.Layer], num_devices: int, grad_worker_frac:
   grad_workers = grad_worker_count(num_devices, grad_worker_frac)
   columns = num_devices // grad_workers
   power = 3 if cost_model == "compute" else 2
-  cost = lambda n: float(n) ** power
+  cost = lambda factor: factor.cost(power)
   load = [0.0] * num_devices
   members = [list(range(j, num_devices, columns)) for j in range(columns)]
   # Largest first; ties in registry order, so the plan is deterministic.
   order = sorted(range(len(layers)),
-                 key=lambda i: -(cost(layers[i].a_size) + cost(layers[i].g_size)))
+                 key=lambda i: -(cost(layers[i].a_factor_shape) + cost(layers[i].g_factor_shape)))
   assigned = {}
   for i in order:
     layer = layers[i]
@@ -272,17 +287,17 @@ def plan(layers: Sequence[layers_lib.Layer], num_devices: int, grad_worker_frac:
     least = lambda: min(members[column], key=lambda d: (load[d], d))
     if colocate_factors:
       worker = least()
-      load[worker] += cost(layer.a_size) + cost(layer.g_size)
+      load[worker] += cost(layer.a_factor_shape) + cost(layer.g_factor_shape)
       a_worker = g_worker = worker
     else:
       workers = {}
-      for which, n in sorted((("a", layer.a_size), ("g", layer.g_size)),
+      for which, n in sorted((("a", layer.a_factor_shape), ("g", layer.g_factor_shape)),
                              key=lambda t: -cost(t[1])):
         workers[which] = least()
         load[workers[which]] += cost(n)
       a_worker, g_worker = workers["a"], workers["g"]
     assigned[i] = (column, a_worker, g_worker)
-  placed = tuple(LayerPlacement(l.name, l.a_size, l.g_size, *assigned[i])
+  placed = tuple(LayerPlacement(l.name, l.a_factor_shape, l.g_factor_shape, *assigned[i])
                  for i, l in enumerate(layers))
   return Placement(num_devices, grad_workers, placed, compute_method,
                    bool(eigenvalue_outer_product), bool(symmetric_factors),

@@ -349,6 +349,7 @@ def kaisa(
   factor_dtype = _check_dtype("factor_dtype", factor_dtype)
   inv_dtype = _check_dtype("inv_dtype", inv_dtype)
   active = _with_weight_sharing(_active_layers(layers, skip_layers), weight_sharing)
+  by_name = {l.name: l for l in active}
   outer = bool(eigenvalue_outer_product)
 
   @functools.lru_cache(maxsize=None)
@@ -380,11 +381,11 @@ def kaisa(
         a, g, damping0, compute_method, outer, inv_dtype)
     decompositions, local = {}, None
     if plan.num_columns == 1:
-      decompositions = {l.name: identity(l.a_size, l.g_size) for l in active}
+      decompositions = {l.name: identity(l.a_factor_shape, l.g_factor_shape) for l in active}
     else:
       local = switch(device_index() % plan.num_columns, [
           functools.partial(lambda j: _pack_column(
-              plan, j, {l.name: identity(l.a_size, l.g_size) for l in plan.layers_of_column(j)},
+              plan, j, {l.name: identity(l.a_shape, l.g_shape) for l in plan.layers_of_column(j)},
               inv_dtype), j)
           for j in range(plan.num_columns)])
     accumulation = None
@@ -429,21 +430,25 @@ def kaisa(
     gradients are N times those of the global-batch loss: G gets 1/N²
     (with 'loss' scaling).
     """
-    pack = collectives.upper_triangle if symmetric_factors else jnp.ravel
+    def pack(m):
+      return collectives.upper_triangle(m) if symmetric_factors and m.ndim > 1 else m
+
     flat = collectives.pack(
         [pack(m) for f in batch.values()
          for m in (f.a_factor, f.g_factor * g_share(num_devices))], factor_dtype)
     flat = lax.pmean(flat, axis_name)
     out, offset = {}, 0
-    for name, f in batch.items():
+    for name in batch:
       mats = []
-      for m in f:
-        n = m.shape[0]
-        words = n * (n + 1) // 2 if symmetric_factors else n * n
+      for shape in (by_name[name].a_factor_shape, by_name[name].g_factor_shape):
+        words = shape.packed_words(symmetric_factors)
         piece = flat[offset:offset + words]
         offset += words
-        mats.append(collectives.from_upper_triangle(piece, n) if symmetric_factors
-                    else piece.reshape(n, n))
+        if symmetric_factors and not shape.diagonal:
+          mats.append(collectives.from_upper_triangle(
+              piece.reshape(shape.shape[:-2] + (-1,)), shape.size))
+        else:
+          mats.append(piece.reshape(shape.shape))
       out[name] = factors_lib.LayerFactors(*mats)
     return out
 
@@ -474,12 +479,11 @@ def kaisa(
                                                               inv_dtype)
     return parts
 
-  def part_shapes(n: int):
-    return [(n, n)] + ([(n,)] if compute_method == "eigen" else [])
-
   def outbox_layout(plan, device: int):
-    return [(l.name, which, n) for l in plan.layers
-            for which, worker, n in (("a", l.a_worker, l.a_size), ("g", l.g_worker, l.g_size))
+    """[(layer, 'a'|'g', shapes of its decomposition share)] that ``device`` sends."""
+    return [(l.name, which, factor.decomposition_shapes(compute_method)) for l in plan.layers
+            for which, worker, factor in (("a", l.a_worker, l.a_shape),
+                                          ("g", l.g_worker, l.g_shape))
             if worker == device]
 
   def received_parts(plan, column: int, inbox) -> dict:
@@ -487,10 +491,9 @@ def kaisa(
     parts = {}
     for row, device in enumerate(plan.columns[column]):
       layout = outbox_layout(plan, device)
-      pieces = collectives.unpack(inbox[row], [s for _, _, n in layout for s in part_shapes(n)])
-      per_part = len(part_shapes(1))
-      for i, (name, which, _) in enumerate(layout):
-        parts[(name, which)] = tuple(pieces[i * per_part:(i + 1) * per_part])
+      pieces = iter(collectives.unpack(inbox[row], [s for _, _, shapes in layout for s in shapes]))
+      for name, which, shapes in layout:
+        parts[(name, which)] = tuple(next(pieces) for _ in shapes)
     return parts
 
   def decompose_all(plan, factors, store, damping_t):
@@ -550,7 +553,7 @@ def kaisa(
     out = {}
     for j in range(plan.num_columns):
       held = plan.layers_of_column(j)
-      for l, m in zip(held, collectives.unpack(gathered[j], [(l.g_size, l.a_size) for l in held])):
+      for l, m in zip(held, collectives.unpack(gathered[j], [l.grad_shape for l in held])):
         out[l.name] = m
     return out
 
@@ -855,7 +858,8 @@ def _stack(node, num_devices: int):
 def _pack_column(plan: placement_lib.Placement, column: int, decompositions: dict,
                  dtype) -> jax.Array:
   """A device's eigen data: its column's decompositions packed, padded to the longest column."""
-  leaves = [x for l in plan.layers_of_column(column) for x in decompositions[l.name]]
+  leaves = [x for l in plan.layers_of_column(column) for x in decompositions[l.name]
+            if x is not None]
   return collectives.pad_to(collectives.pack(leaves, dtype), plan.local_words())
 
 
@@ -864,9 +868,12 @@ def _unpack_column(plan: placement_lib.Placement, column: int, packed: jax.Array
   kind = eigen_lib.decomposition_type(plan.compute_method, plan.eigenvalue_outer_product)
   held = plan.layers_of_column(column)
   pieces = collectives.unpack(
-      packed, [s for l in held for s in eigen_lib.field_shapes(kind, l.a_size, l.g_size)])
-  k = len(kind._fields)
-  return {l.name: kind(*pieces[i * k:(i + 1) * k]) for i, l in enumerate(held)}
+      packed, [s for l in held for s in eigen_lib.field_shapes(kind, l.a_shape, l.g_shape)
+               if s is not None])
+  pieces = iter(pieces)
+  return {l.name: kind(*[None if s is None else next(pieces)
+                         for s in eigen_lib.field_shapes(kind, l.a_shape, l.g_shape)])
+          for l in held}
 
 
 def _decompositions_by_layer(state: KaisaState, plan: placement_lib.Placement) -> dict:
