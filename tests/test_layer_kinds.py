@@ -1,8 +1,8 @@
 """The layer kinds beyond Dense and Conv, each end to end against float64 NumPy.
 
 For every kind: the registry entry (sizes, factor storage), the batch
-factors written from the definitions, and one ``kaisa`` step (both compute
-methods) against ``P = (G + γI)⁻¹ ∇ (A + γI)⁻¹`` ('inverse') or
+factors written from the definitions, and one ``kaisa`` step (every compute
+method) against ``P = (G + γI)⁻¹ ∇ (A + γI)⁻¹`` ('inverse') or
 ``(G ⊗ A + γI)⁻¹ vec ∇`` ('eigen'), block by block. The gradients come from
 ``jax.grad`` and the layer outputs from Flax; the inputs, output gradients,
 factors and gradient layouts are rebuilt here in NumPy.
@@ -57,13 +57,28 @@ def _kfac_step(module, params, x, t, method, **kwargs):
   return registry, grads, updates, state
 
 
-def _np_precondition(a_batch, g_batch, grad, method):
-  """One block's K-FAC update from its batch factors (running average from I)."""
-  a = DECAY * np.eye(a_batch.shape[0]) + (1 - DECAY) * a_batch
-  g = DECAY * np.eye(g_batch.shape[0]) + (1 - DECAY) * g_batch
+def _np_precondition(a_rows, g_rows, grad, method, a_diagonal=False):
+  """One block's K-FAC update from its rows (running averages from I, step 0).
+
+  a_rows (rows, a), g_rows (rows, g), grad (g, a). 'ekfac': the eigenbases of
+  the factors, the scaling ``dG dAᵀ`` moved towards the mean of
+  ``(QGᵀ g_r)² (QAᵀ a_r)²ᵀ`` by the running average.
+  """
+  rows = a_rows.shape[0]
+  a = DECAY * np.eye(a_rows.shape[1]) + (1 - DECAY) * a_rows.T @ a_rows / rows
+  g = DECAY * np.eye(g_rows.shape[1]) + (1 - DECAY) * g_rows.T @ g_rows / rows
   if method == "inverse":
     return np_damped_inverse(g, DAMPING) @ grad @ np_damped_inverse(a, DAMPING)
-  return np_kron_solve(g, a, grad, DAMPING)
+  if method == "eigen":
+    return np_kron_solve(g, a, grad, DAMPING)
+  if a_diagonal:
+    a_vals, a_vecs = np.diag(a), np.eye(a.shape[0])
+  else:
+    a_vals, a_vecs = np.linalg.eigh(a)
+  g_vals, g_vecs = np.linalg.eigh(g)
+  moment = ((g_rows @ g_vecs) ** 2).T @ ((a_rows @ a_vecs) ** 2) / rows
+  scaling = DECAY * np.outer(g_vals, a_vals) + (1 - DECAY) * moment
+  return g_vecs @ ((g_vecs.T @ grad @ a_vecs) / (scaling + DAMPING)) @ a_vecs.T
 
 
 def _with_ones(rows):
@@ -84,7 +99,7 @@ DENSE_GENERAL_CASES = {
 
 
 @pytest.mark.parametrize("weight_sharing", ["expand", "reduce"])
-@pytest.mark.parametrize("method", ["inverse", "eigen"])
+@pytest.mark.parametrize("method", ["inverse", "eigen", "ekfac"])
 @pytest.mark.parametrize("case", sorted(DENSE_GENERAL_CASES))
 def test_dense_general_step_matches_oracle(case, method, weight_sharing):
   kwargs, x_shape = DENSE_GENERAL_CASES[case]
@@ -114,14 +129,12 @@ def test_dense_general_step_matches_oracle(case, method, weight_sharing):
     a_rows, g_rows = x64.reshape(-1, in_size), g64.reshape(-1, out_size)
   if use_bias:
     a_rows = _with_ones(a_rows)
-  a_batch = a_rows.T @ a_rows / a_rows.shape[0]
-  g_batch = g_rows.T @ g_rows / g_rows.shape[0]
 
   kernel_grad = np.asarray(grads["kernel"], np.float64)
   grad = kernel_grad.reshape(in_size, out_size).T
   if use_bias:
     grad = np.concatenate([grad, np.asarray(grads["bias"], np.float64).reshape(-1, 1)], axis=1)
-  expected = _np_precondition(a_batch, g_batch, grad, method)
+  expected = _np_precondition(a_rows, g_rows, grad, method)
 
   assert_close(np.asarray(updates["kernel"]).reshape(in_size, out_size).T,
                expected[:, :in_size], rtol=1e-4)
@@ -159,7 +172,7 @@ def test_dense_general_unsupported_configurations_are_listed():
 # Embed
 
 
-@pytest.mark.parametrize("method", ["inverse", "eigen"])
+@pytest.mark.parametrize("method", ["inverse", "eigen", "ekfac"])
 def test_embed_step_matches_oracle(method):
   vocab, features = 7, 4
   module = nn.Embed(vocab, features)
@@ -175,14 +188,13 @@ def test_embed_step_matches_oracle(method):
   name = layer.name
   # A is kept as its diagonal: a vector of token frequencies.
   counts = np.bincount(ids.ravel(), minlength=vocab)
-  a_batch = np.diag(counts / ids.size)
   assert state.factors[name].a_factor.shape == (vocab,)
-  assert_close(state.factors[name].a_factor, DECAY + (1 - DECAY) * np.diag(a_batch))
+  assert_close(state.factors[name].a_factor, DECAY + (1 - DECAY) * counts / ids.size)
 
+  a_rows = np.eye(vocab)[ids.ravel()]  # one-hot
   g_rows = _out_grads(module, params, ids, t).reshape(-1, features)
-  g_batch = g_rows.T @ g_rows / g_rows.shape[0]
   grad = np.asarray(grads["embedding"], np.float64).T  # (features, vocab)
-  expected = _np_precondition(a_batch, g_batch, grad, method)
+  expected = _np_precondition(a_rows, g_rows, grad, method, a_diagonal=True)
   assert_close(np.asarray(updates["embedding"]).T, expected, rtol=1e-4)
 
 
@@ -218,7 +230,7 @@ GROUPED_CASES = {
 }
 
 
-@pytest.mark.parametrize("method", ["inverse", "eigen"])
+@pytest.mark.parametrize("method", ["inverse", "eigen", "ekfac"])
 @pytest.mark.parametrize("case", sorted(GROUPED_CASES))
 def test_grouped_conv_step_matches_oracle_block_by_block(case, method):
   kwargs, x_shape = GROUPED_CASES[case]
@@ -248,11 +260,9 @@ def test_grouped_conv_step_matches_oracle_block_by_block(case, method):
     a_rows = _with_ones(patches) if use_bias else patches
     g_rows = out_grads[..., outs].reshape(-1, c_out)
     # The reference's convolution scaling: rows / S, averaged over N·S rows.
-    a_batch = a_rows.T @ a_rows / positions ** 2 / a_rows.shape[0]
-    g_batch = g_rows.T @ g_rows / positions ** 2 / g_rows.shape[0]
     grad = np_kernel_matrix(kernel_grad[..., outs],
                             np.asarray(grads["bias"])[outs] if use_bias else None)
-    expected = _np_precondition(a_batch, g_batch, grad, method)
+    expected = _np_precondition(a_rows / positions, g_rows / positions, grad, method)
     got = np_kernel_matrix(np.asarray(updates["kernel"], np.float64)[..., outs],
                            np.asarray(updates["bias"])[outs] if use_bias else None)
     assert_close(got, expected, rtol=1e-4)
@@ -291,7 +301,7 @@ NORM_CASES = {
 }
 
 
-@pytest.mark.parametrize("method", ["inverse", "eigen"])
+@pytest.mark.parametrize("method", ["inverse", "eigen", "ekfac"])
 @pytest.mark.parametrize("case", sorted(NORM_CASES))
 def test_norm_scale_and_bias_step_matches_oracle(case, method):
   make, x_shape, np_normalized = NORM_CASES[case]
@@ -333,11 +343,9 @@ def test_norm_scale_and_bias_step_matches_oracle(case, method):
     if use_bias:
       a_rows = _with_ones(a_rows)
     g_rows = out_grads[:, i:i + 1]
-    a_batch = a_rows.T @ a_rows / a_rows.shape[0]
-    g_batch = g_rows.T @ g_rows / g_rows.shape[0]
     grad = np.array([[float(grads["scale"][i])]
                      + ([float(grads["bias"][i])] if use_bias else [])])
-    expected = _np_precondition(a_batch, g_batch, grad, method)
+    expected = _np_precondition(a_rows, g_rows, grad, method)
     assert_close(float(updates["scale"][i]), expected[0, 0], rtol=1e-4)
     if use_bias:
       assert_close(float(updates["bias"][i]), expected[0, 1], rtol=1e-4)

@@ -221,6 +221,9 @@ class KfacOracle:
     # What the latest decomposition was computed from: (A, G, damping then).
     damping0 = hyper(damping, 0)
     self.decomposed = {n: (a, g, damping0) for n, (a, g) in self.factors.items()}
+    # EKFAC: per layer [QA, QG, scaling], from the identity factors at first.
+    self.corrected = {n: [a, g, np.ones((g.shape[0], a.shape[0]))]
+                      for n, (a, g) in self.factors.items()}
 
   def update(self, params, x, y, grads=None):
     """One step; returns the update pytree (float64) and sets grads, vg, nu."""
@@ -229,16 +232,16 @@ class KfacOracle:
     grads = true_grads if grads is None else jax.tree.map(
         lambda v: np.asarray(v, np.float64), grads)
     damping = hyper(self.damping, t)
+    finite = all(np.all(np.isfinite(v))
+                 for v in jax.tree.leaves(rows) + jax.tree.leaves(grads))
+    if self.per_example:  # the gradients of each example's own loss
+      rows = {n: (a, g * g.shape[0]) for n, (a, g) in rows.items()}
     if t % self.factor_every == 0:
-      finite = all(np.all(np.isfinite(v))
-                   for v in jax.tree.leaves(rows) + jax.tree.leaves(grads))
       if finite:
         decay = hyper(self.decay, t)
         self.identity_weight *= decay
         for n in self.names:
           a, g = rows[n]
-          if self.per_example:  # the gradients of each example's own loss
-            g = g * g.shape[0]
           a_old, g_old = self.factors[n]
           self.factors[n] = (decay * a_old + (1 - decay) * (a.T @ a) / a.shape[0],
                              decay * g_old + (1 - decay) * (g.T @ g) / g.shape[0])
@@ -246,6 +249,16 @@ class KfacOracle:
         self.skipped += 1
     if t % self.inv_every == 0:
       self.decomposed = {n: (a, g, damping) for n, (a, g) in self.factors.items()}
+      for n, (a, g) in self.factors.items():
+        a_vals, a_vecs = np.linalg.eigh(a)
+        g_vals, g_vecs = np.linalg.eigh(g)
+        self.corrected[n] = [a_vecs, g_vecs, np.outer(g_vals, a_vals)]
+    if self.method == "ekfac" and t % self.factor_every == 0 and finite:
+      decay = hyper(self.decay, t)
+      for n in self.names:
+        (a, g), (a_vecs, g_vecs, scaling) = rows[n], self.corrected[n]
+        moment = ((g @ g_vecs) ** 2).T @ ((a @ a_vecs) ** 2) / a.shape[0]
+        self.corrected[n][2] = decay * scaling + (1 - decay) * moment
 
     precond = {}
     for n in self.names:
@@ -253,6 +266,9 @@ class KfacOracle:
       grad = to_matrix(grads, n)
       if self.method == "inverse":
         precond[n] = np_damped_inverse(g, damping_then) @ grad @ np_damped_inverse(a, damping_then)
+      elif self.method == "ekfac":
+        a_vecs, g_vecs, scaling = self.corrected[n]
+        precond[n] = g_vecs @ ((g_vecs.T @ grad @ a_vecs) / (scaling + damping)) @ a_vecs.T
       else:
         precond[n] = np_kron_solve(g, a, grad, damping_then if self.outer else damping)
 
@@ -403,6 +419,41 @@ def test_update_matches_oracle_over_steps(mlp_layers, method, outer):
   assert int(state.rejected_decompositions) == 0
   # The KL clip was active on some steps and not on others.
   assert min(nus) < 0.8 and max(nus) == 1.0, nus
+
+
+@pytest.mark.parametrize("g_factor_scaling", ["loss", "per_example"])
+def test_ekfac_matches_oracle_over_steps(mlp_layers, g_factor_scaling):
+  # Scaling restarted from dG dAᵀ on decomposition steps (every 3rd), moved
+  # by the rows' second moment on factor steps (every 2nd), in between kept.
+  hp = dict(damping=0.03, factor_decay=0.6, factor_update_steps=2, inv_update_steps=3,
+            kl_clip=1.0, learning_rate=0.1, g_factor_scaling=g_factor_scaling)
+  tx = kaisa_jax.kaisa(mlp_layers, compute_method="ekfac", **hp)
+  oracle = KfacOracle(compute_method="ekfac", **hp)
+  step = jitted_kfac_step(tx)
+  params = mlp_params(3)
+  state = tx.init(params)
+  rng = np.random.default_rng(4)
+  for t in range(7):
+    x, y = mlp_batch(rng)
+    _, updates, new_state = step(params, state, x, y)
+    expected = oracle.update(params, x, y)
+    assert_close(updates, expected, rtol=1e-4)
+    scalings = {n: new_state.decompositions[n].scaling for n in MLP_LAYERS}
+    for n in MLP_LAYERS:
+      assert_close(scalings[n], oracle.corrected[n][2], rtol=1e-4)
+    params = jax.tree.map(lambda p, u: p - 0.1 * u, params, updates)
+    state = new_state
+  # The correction matters: the last scaling is not the Kronecker one.
+  a_vals = np.linalg.eigvalsh(oracle.factors["Dense_0"][0])
+  g_vals = np.linalg.eigvalsh(oracle.factors["Dense_0"][1])
+  assert not np.allclose(scalings["Dense_0"], np.outer(g_vals, a_vals), rtol=1e-2)
+
+
+def test_ekfac_unsupported_settings_raise(mlp_layers):
+  with pytest.raises(ValueError, match="accumulation_steps"):
+    kaisa_jax.kaisa(mlp_layers, compute_method="ekfac", accumulation_steps=2)
+  with pytest.raises(ValueError, match="grad_worker_frac=1"):
+    kaisa_jax.placement(mlp_layers, 4, 1 / 4, compute_method="ekfac")
 
 
 def test_per_example_g_scaling_matches_oracle_over_steps(mlp_layers):

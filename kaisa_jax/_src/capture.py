@@ -5,6 +5,16 @@ it records static facts; to capture, it records each call's input and adds a
 zero "probe" to its output, so that the gradient of the loss with respect to
 the probe is the gradient with respect to the layer output. Probes are named
 per call, so a module called twice gets both calls' rows, not their sum.
+
+Calls made inside ``jax.checkpoint`` (``nn.remat``, ``nn.checkpoint``,
+``nnx.remat``) run once per forward pass, like the others, but their inputs
+are values of the checkpoint's own trace, which must not be kept. Their
+inputs come back through the differentiation instead: an identity with a
+custom VJP on the layer output hands the layer input to the backward pass,
+which returns it as the gradient of a zero "input probe" closed over from
+the loss's trace. Calls inside a transform that runs its body several times
+or batched (``scan``, loops, ``vmap``) cannot be told apart by one probe:
+their layers are listed as skipped, with the reason.
 """
 
 from __future__ import annotations
@@ -14,8 +24,10 @@ import contextlib
 from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
-from flax.core import tracers
 import jax
+# The chain of traces (``parent_trace``) and what opened each one are not
+# public; flax.core.tracers reads the same state.
+from jax._src import core as jax_core
 import jax.numpy as jnp
 from jax import lax
 import numpy as np
@@ -42,28 +54,46 @@ class _ParamIndex:
 
   A layer is named after where its kernel lives in ``params`` (not after its
   Flax scope, which two models applied in one loss share): the kernel leaf is
-  recognised by identity, or, when the loss re-wraps the parameters (e.g.
-  ``nn.remat``), by its scope path.
+  recognised by identity, or, when a transform hands the layer its own copy
+  (``nn.remat``), by its scope path under the prefix where its ``apply``'s
+  parameters sit in ``params``.
   """
+
+  # Where a linen model's parameters sit when no prefix is known: params is
+  # the model's 'params' collection, or its whole variables dict.
+  DEFAULT_PREFIXES = ((), (jax.tree_util.DictKey("params"),))
 
   def __init__(self, params):
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
     self._by_id = {id(leaf): path for path, leaf in flat}
     self._by_path = {path: leaf for path, leaf in flat}
 
-  def _by_scope(self, module: nn.Module, name: str, like):
-    # NNX modules have no scope; their parameters are found by identity.
-    if like is None or nnx_capture.is_nnx(module):
-      return None
+  def path_of(self, leaf):
+    """The key path of ``leaf`` (by identity) in params, or None."""
+    return self._by_id.get(id(leaf))
+
+  def _scope_paths(self, module: nn.Module, name: str, prefixes):
+    """(path, leaf) at each prefix + the module's scope path + name that exists."""
+    if nnx_capture.is_nnx(module):
+      return []  # NNX modules have no scope; their parameters are found by identity
     scope = tuple(jax.tree_util.DictKey(p) for p in module.scope.path)
-    for prefix in ((), (jax.tree_util.DictKey("params"),)):
-      path = prefix + scope + (jax.tree_util.DictKey(name),)
+    found = []
+    for prefix in prefixes:
+      path = tuple(prefix) + scope + (jax.tree_util.DictKey(name),)
       leaf = self._by_path.get(path)
-      if leaf is not None and tuple(leaf.shape) == tuple(like.shape):
+      if leaf is not None:
+        found.append((path, leaf))
+    return found
+
+  def _by_scope(self, module: nn.Module, name: str, like, prefixes):
+    if like is None:
+      return None
+    for path, leaf in self._scope_paths(module, name, prefixes):
+      if tuple(leaf.shape) == tuple(like.shape):
         return path
     return None
 
-  def locate(self, module: nn.Module):
+  def locate(self, module: nn.Module, prefixes=DEFAULT_PREFIXES):
     """(name, kernel_path, bias_path, kernel) of the module's call, or None.
 
     The kernel and bias are the parameters the module's layer kind names
@@ -75,13 +105,33 @@ class _ParamIndex:
     bias = _module_param(module, kind.bias_param)
     if kernel is None:
       return None
-    kernel_path = self._by_id.get(id(kernel)) or self._by_scope(module, kind.kernel_param, kernel)
+    kernel_path = (self.path_of(kernel)
+                   or self._by_scope(module, kind.kernel_param, kernel, prefixes))
     bias_path = None
     if bias is not None:
-      bias_path = self._by_id.get(id(bias)) or self._by_scope(module, kind.bias_param, bias)
+      bias_path = self.path_of(bias) or self._by_scope(module, kind.bias_param, bias, prefixes)
     if kernel_path is None or (bias is not None and bias_path is None):
       return None
     return _layer_name(kernel_path), kernel_path, bias_path, kernel
+
+  def stacked_path(self, module: nn.Module, prefixes):
+    """The kernel's path when params holds it with one more axis, else None.
+
+    That is a layer inside ``nn.scan`` or ``nn.vmap`` with
+    ``variable_axes={'params': axis}``: each iteration or mapped element
+    applies its own slice of the leaf.
+    """
+    kind = layers_lib.kind_of(module)
+    kernel = _module_param(module, kind.kernel_param)
+    if kernel is None:
+      return None
+    shape = tuple(kernel.shape)
+    for path, leaf in self._scope_paths(module, kind.kernel_param, prefixes):
+      full = tuple(leaf.shape)
+      if len(full) == len(shape) + 1 and any(
+          full[:i] + full[i + 1:] == shape for i in range(len(full))):
+        return path
+    return None
 
 
 def _layer_name(kernel_path) -> str:
@@ -113,9 +163,14 @@ def _scope_name(module: nn.Module) -> str:
 
 
 @contextlib.contextmanager
-def _intercept_layers(interceptor):
-  """``interceptor`` on the module calls of both Flax APIs, linen and NNX."""
-  with nn.intercept_methods(interceptor), nnx_capture.intercept_methods(interceptor):
+def _intercept_layers(interceptor, loss_trace: "_LossTrace"):
+  """``interceptor`` on the module calls of both Flax APIs, linen and NNX.
+
+  ``loss_trace.track`` runs first on linen calls, to know the module calls
+  each call is nested in.
+  """
+  with nn.intercept_methods(loss_trace.track), nn.intercept_methods(interceptor), \
+       nnx_capture.intercept_methods(interceptor):
     yield
 
 
@@ -147,8 +202,208 @@ def _is_layer_call(context) -> bool:
           and layers_lib.kind_of(context.module) is not None)
 
 
-_NESTED_REASON = ("called inside a JAX transform (nn.remat, nn.scan, nn.vmap, "
-                  "nnx.remat, nnx.scan, nnx.vmap, jax.checkpoint)")
+# What DebugInfo.traced_for says of the trace jax.checkpoint opens (nn.remat,
+# nn.checkpoint, nnx.remat): its body runs once per forward pass.
+_CHECKPOINT = "checkpoint / remat"
+_LOOPS = ("scan", "fori_loop", "while_body", "while_cond")
+
+# Integer inputs (token ids) come back through a float32 gradient: exact for
+# integers of at most 16 bits, and for the ids of a table of at most 2**24
+# rows (an id out of range, rounded, stays out of range).
+_MAX_EXACT_IDS = 2**24
+
+_STACKED_REASON = (
+    "called inside nn.scan or nn.vmap with stacked parameters (variable_axes="
+    "{'params': ...}): one K-FAC block per slice of the kernel is not supported")
+_LOOP_REASON = (
+    "called inside a loop (nn.scan, nnx.scan, lax.scan, fori_loop, while_loop): "
+    "one call per iteration, which a single probe cannot tell apart")
+_VMAP_REASON = (
+    "called inside vmap (nn.vmap, nnx.vmap, jax.vmap): one call per mapped "
+    "element, which a single probe cannot tell apart")
+_NNX_COPY_REASON = (
+    "called inside a JAX transform (nnx.remat / jax.checkpoint) that hands "
+    "the layer a copy of its parameters (Flax NNX), which cannot be matched "
+    "to a leaf of params")
+_UNMATCHED_REASON = (
+    "called inside jax.checkpoint (nn.remat), and its kernel is not at its "
+    "scope path in params")
+_IDS_REASON = (
+    "called inside jax.checkpoint with integer inputs that a float32 gradient "
+    "cannot give back exactly (only 16-bit integers, or the ids of an embedding "
+    "table of at most 2**24 rows)")
+
+
+def _trace_label(trace) -> str:
+  """What opened ``trace``: e.g. 'checkpoint / remat', 'scan', 'jit' or 'vmap'."""
+  frame = getattr(trace, "frame", None)
+  traced_for = getattr(getattr(frame, "debug_info", None), "traced_for", None)
+  if traced_for:
+    return str(traced_for)
+  kind = type(trace).__name__
+  # nn.scan traces its body once by partial evaluation before the scan.
+  return {"BatchTrace": "vmap", "JaxprTrace": "partial evaluation"}.get(kind, kind)
+
+
+def _nested_reason(labels) -> tuple[str, bool]:
+  """(why a call nested in these transforms is skipped, whether that is final).
+
+  A reason naming no known transform (e.g. nn.scan's partial evaluation of
+  its body) is not final: a later, more precise one replaces it.
+  """
+  if labels is None:
+    return "called inside a JAX transform the capture cannot see through", False
+  if any(label in _LOOPS for label in labels):
+    return _LOOP_REASON, True
+  if "vmap" in labels:
+    return _VMAP_REASON, True
+  others = ", ".join(dict.fromkeys(l for l in labels if l != _CHECKPOINT))
+  return f"called inside a JAX transform other than jax.checkpoint ({others})", False
+
+
+class _Site(NamedTuple):
+  """Where one layer call sits, as the capture sees it.
+
+  Attributes:
+    name: the layer's name (its kernel's path in params without the leaf),
+      or, for a kernel that is no leaf of params, a descriptive name.
+    located: (name, kernel_path, bias_path, kernel), or None.
+    how: 'direct' (in the loss's own trace: the input is recorded),
+      'checkpoint' (inside jax.checkpoint only: the input comes back as the
+      gradient of an input probe) or 'skip'.
+    reason: why 'skip'; ``final`` False when a later reason may replace it.
+  """
+  name: str
+  located: Any
+  how: str
+  reason: Any = None
+  final: bool = True
+
+
+class _LossTrace:
+  """One trace of the loss: where each layer call sits relative to it.
+
+  ``track`` is an interceptor (put outermost) that keeps the linen modules
+  being called in the loss's own trace: a layer inside a lifted transform
+  (``nn.remat``) gets its own copy of its parameters, and it is found in
+  params by its scope path under the prefix where the enclosing
+  ``apply``'s parameters sit.
+  """
+
+  def __init__(self, params):
+    self.index = _ParamIndex(params)
+    self.trace = jax_core.trace_ctx.trace
+    self._enclosing: list = []  # linen modules called in the loss's trace, innermost last
+    self._prefixes: dict = {}  # id(root scope) -> (root scope, prefix or None)
+
+  def transforms(self):
+    """The transforms between the loss's trace and this call's, innermost first.
+
+    () in the loss's own trace; None when the loss's trace is not among
+    the current trace's ancestors.
+    """
+    labels = []
+    trace = jax_core.trace_ctx.trace
+    while trace is not self.trace:
+      if trace is None:
+        return None
+      labels.append(_trace_label(trace))
+      trace = getattr(trace, "parent_trace", None)
+    return tuple(labels)
+
+  def track(self, next_fun, args, kwargs, context):
+    module = context.module
+    if nnx_capture.is_nnx(module) or jax_core.trace_ctx.trace is not self.trace:
+      return next_fun(*args, **kwargs)
+    self._enclosing.append(module)
+    try:
+      return next_fun(*args, **kwargs)
+    finally:
+      self._enclosing.pop()
+
+  def _apply_prefixes(self):
+    """Where the enclosing apply's params sit in params (candidate key paths)."""
+    if not self._enclosing:
+      return _ParamIndex.DEFAULT_PREFIXES
+    root = self._enclosing[-1].scope.root
+    if id(root) not in self._prefixes:
+      self._prefixes[id(root)] = (root, self._prefix_of(root))
+    prefix = self._prefixes[id(root)][1]
+    return _ParamIndex.DEFAULT_PREFIXES if prefix is None else (prefix,)
+
+  def _prefix_of(self, root):
+    """The key path under which the apply of ``root`` finds its 'params' in params."""
+    variables = root.variables()
+    if "params" not in variables:
+      return None
+    for rel, leaf in jax.tree_util.tree_flatten_with_path(variables["params"])[0]:
+      full = self.index.path_of(leaf)
+      rel = tuple(rel)
+      if full is not None and len(full) >= len(rel) and tuple(full[len(full) - len(rel):]) == rel:
+        return tuple(full[:len(full) - len(rel)])
+    return None
+
+  def site(self, module, inputs) -> _Site:
+    """Where the layer call of ``module`` on ``inputs`` sits."""
+    labels = self.transforms()
+    if labels == ():
+      located = self.index.locate(module)
+      return _Site(_scope_name(module) if located is None else located[0], located, "direct")
+    prefixes = self._apply_prefixes()
+    located = self.index.locate(module, prefixes)
+    if labels is not None and all(label == _CHECKPOINT for label in labels):
+      if located is None:
+        reason = _NNX_COPY_REASON if nnx_capture.is_nnx(module) else _UNMATCHED_REASON
+        return _Site(_scope_name(module), None, "skip", reason)
+      if not _comes_back_exactly(module, inputs, located[3]):
+        return _Site(located[0], located, "skip", _IDS_REASON)
+      return _Site(located[0], located, "checkpoint")
+    stacked = self.index.stacked_path(module, prefixes)
+    if stacked is not None:
+      return _Site(_layer_name(stacked), None, "skip", _STACKED_REASON)
+    reason, final = _nested_reason(labels)
+    name = _scope_name(module) if located is None else located[0]
+    return _Site(name, located, "skip", reason, final)
+
+
+@jax.custom_vjp
+def _return_input(outputs, inputs, probe):
+  """``outputs`` unchanged; its VJP gives ``inputs`` as the gradient of ``probe``.
+
+  The layer input of a call inside jax.checkpoint cannot be kept from the
+  forward pass (it belongs to the checkpoint's trace); the backward pass
+  hands it out instead, as the gradient of the zero input probe (same shape,
+  float32 for integer inputs) closed over from the loss's trace. The body
+  runs once per forward pass, so that gradient is the input itself.
+  """
+  del inputs, probe
+  return outputs
+
+
+def _return_input_fwd(outputs, inputs, probe):
+  return outputs, inputs.astype(probe.dtype)
+
+
+def _return_input_bwd(inputs, out_grads):
+  # The input only rides along: no gradient flows to it through here.
+  return out_grads, None, inputs
+
+
+_return_input.defvjp(_return_input_fwd, _return_input_bwd)
+
+
+def _comes_back_exactly(module, inputs, kernel) -> bool:
+  """Whether the input probe's gradient (``_probe_dtype``) holds ``inputs`` exactly."""
+  dtype = jnp.dtype(inputs.dtype)
+  if jnp.issubdtype(dtype, jnp.inexact) or dtype.itemsize <= 2:
+    return True
+  return (layers_lib.kind_of(module) is layers_lib.Embed
+          and kernel.shape[0] <= _MAX_EXACT_IDS)
+
+
+def _probe_dtype(dtype):
+  """The dtype of the input probe of an input of ``dtype``."""
+  return dtype if jnp.issubdtype(dtype, jnp.inexact) else jnp.float32
 
 
 def _is_abstract(leaf) -> bool:
@@ -187,43 +442,48 @@ def find_layers(loss_fn: Callable[..., Any], params: Any, *args,
   """
   found: dict[str, layers_lib.Layer] = {}
   skipped: dict[str, layers_lib.Skipped] = {}
+  provisional: set[str] = set()  # skipped with a reason a more precise one replaces
   errors: list[str] = []
   leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
   dynamic = [i for i, leaf in enumerate(leaves) if _is_abstract(leaf)]
+
+  def skip(name, module, reason, final=True):
+    # A layer with any call that cannot be captured is not registered, even
+    # when its other calls could be: its factors would miss those rows.
+    found.pop(name, None)
+    if name in skipped and name not in provisional:
+      return
+    skipped[name] = layers_lib.Skipped(name, type(module).__name__, reason)
+    (provisional.discard if final else provisional.add)(name)
 
   def traced(params, dynamic_leaves):
     call_leaves = list(leaves)
     for i, leaf in zip(dynamic, dynamic_leaves):
       call_leaves[i] = leaf
     call_args, call_kwargs = jax.tree_util.tree_unflatten(treedef, call_leaves)
-    index = _ParamIndex(params)
-    loss_trace = tracers.current_trace()
+    loss_trace = _LossTrace(params)
+    index = loss_trace.index
 
     def interceptor(next_fun, fn_args, fn_kwargs, context):
       module = context.module
       reason = _unsupported_call(context)
       if reason is not None:
         located = index.locate(module) if layers_lib.kind_of(module) else None
-        name = _scope_name(module) if located is None else located[0]
-        found.pop(name, None)
-        skipped.setdefault(name, layers_lib.Skipped(name, type(module).__name__, reason))
+        skip(_scope_name(module) if located is None else located[0], module, reason)
         return next_fun(*fn_args, **fn_kwargs)
       if not _is_layer_call(context):
         return next_fun(*fn_args, **fn_kwargs)
-      if tracers.current_trace() != loss_trace:
-        name = _scope_name(module)
-        skipped.setdefault(name, layers_lib.Skipped(name, type(module).__name__, _NESTED_REASON))
-        return next_fun(*fn_args, **fn_kwargs)
       inputs = _call_input(fn_args, fn_kwargs)
-      outputs = next_fun(*fn_args, **fn_kwargs)
       kernel_param = layers_lib.kind_of(module).kernel_param
       if _module_param(module, kernel_param) is None:
-        name = _scope_name(module)
-        skipped.setdefault(name, layers_lib.Skipped(
-            name, type(module).__name__, f"it has no {kernel_param!r} parameter"))
+        skip(_scope_name(module), module, f"it has no {kernel_param!r} parameter")
+        return next_fun(*fn_args, **fn_kwargs)
+      site = loss_trace.site(module, inputs)
+      outputs = next_fun(*fn_args, **fn_kwargs)
+      if site.how == "skip":
+        skip(site.name, module, site.reason, site.final)
         return outputs
-      located = index.locate(module)
-      if located is None:
+      if site.located is None:
         errors.append(
             f"layer {_scope_name(module)!r}: its parameters are not leaves of "
             "the params passed to find_layers (does the loss rebuild them?). "
@@ -231,7 +491,7 @@ def find_layers(loss_fn: Callable[..., Any], params: Any, *args,
             "build the model inside the loss with nnx.merge(graphdef, params) "
             "instead of closing over it).")
         return outputs
-      name, kernel_path, bias_path, kernel = located
+      name, kernel_path, bias_path, kernel = site.located
       if name in found or name in skipped:
         return outputs  # a shared module: later calls add rows, not layers
       try:
@@ -239,10 +499,10 @@ def find_layers(loss_fn: Callable[..., Any], params: Any, *args,
             module, name, kernel_path, bias_path, tuple(kernel.shape), inputs, outputs,
             fn_kwargs)
       except layers_lib.UnsupportedLayer as e:
-        skipped[name] = layers_lib.Skipped(name, type(module).__name__, str(e))
+        skip(name, module, str(e))
       return outputs
 
-    with _intercept_layers(interceptor):
+    with _intercept_layers(interceptor, loss_trace):
       return loss_fn(params, *call_args, **call_kwargs)
 
   jax.eval_shape(traced, params, [leaves[i] for i in dynamic])
@@ -256,11 +516,21 @@ def find_layers(loss_fn: Callable[..., Any], params: Any, *args,
   return layers_lib.LayerRegistry(tuple(found.values()), tuple(skipped.values()))
 
 
-def _capture_name(index: _ParamIndex, module: nn.Module) -> str:
-  located = index.locate(module)
-  # An unlocatable layer cannot be in a registry; its scope name makes the
-  # mismatch visible when the captures are checked.
-  return _scope_name(module) if located is None else located[0]
+class _CallShape(NamedTuple):
+  """What the shape pass learns of one layer call.
+
+  Attributes:
+    output: the output's ShapeDtypeStruct and its varying shard_map axes.
+    input: for a call inside jax.checkpoint, the input's ShapeDtypeStruct
+      and varying axes (its probe is made from them); None otherwise.
+  """
+  output: tuple
+  input: Any
+
+
+def _struct_and_axes(x) -> tuple:
+  return (jax.ShapeDtypeStruct(x.shape, x.dtype),
+          tuple(sorted(collectives.varying_axes(x), key=str)))
 
 
 def value_and_grad(loss_fn: Callable[..., Any], has_aux: bool = False,
@@ -311,69 +581,113 @@ def value_and_grad(loss_fn: Callable[..., Any], has_aux: bool = False,
     return losses[0], losses[1], aux
 
   def wrapped(params, *args, **kwargs):
-    # Pass 1 (abstract, free at run time): the output shape of every call.
-    out_shapes: dict[str, list] = collections.defaultdict(list)
+    # Pass 1 (abstract, free at run time): the output shape of every call
+    # (and the input shape of calls inside jax.checkpoint), and the layers
+    # with a call that cannot be captured.
+    call_shapes: dict[str, list] = collections.defaultdict(list)
+    dropped: set[str] = set()
 
     def shape_pass(params):
-      index = _ParamIndex(params)
-      loss_trace = tracers.current_trace()
+      loss_trace = _LossTrace(params)
 
       def shape_interceptor(next_fun, call_args, call_kwargs, context):
+        if not _is_layer_call(context):
+          return next_fun(*call_args, **call_kwargs)
+        inputs = _call_input(call_args, call_kwargs)
+        site = loss_trace.site(context.module, inputs)
         outputs = next_fun(*call_args, **call_kwargs)
-        if _is_layer_call(context) and tracers.current_trace() == loss_trace:
-          out_shapes[_capture_name(index, context.module)].append(
-              (jax.ShapeDtypeStruct(outputs.shape, outputs.dtype),
-               tuple(sorted(collectives.varying_axes(outputs), key=str))))
+        if site.how == "skip":
+          dropped.add(site.name)
+        else:
+          call_shapes[site.name].append(_CallShape(
+              _struct_and_axes(outputs),
+              _struct_and_axes(inputs) if site.how == "checkpoint" else None))
         return outputs
 
-      with _intercept_layers(shape_interceptor):
+      with _intercept_layers(shape_interceptor, loss_trace):
         return loss_fn(params, *args, **kwargs)
 
     jax.eval_shape(shape_pass, params)
-    probes = {name: tuple(_zeros_varying_like(s, axes) for s, axes in shapes)
-              for name, shapes in out_shapes.items()}
+    # A layer with a call that cannot be captured is not captured at all.
+    call_shapes = {name: calls for name, calls in call_shapes.items() if name not in dropped}
+    out_probes = {name: tuple(_zeros_varying_like(*call.output) for call in calls)
+                  for name, calls in call_shapes.items()}
+    in_probes = {name: tuple(None if call.input is None else _input_probe(*call.input)
+                             for call in calls)
+                 for name, calls in call_shapes.items()}
 
     # Pass 2: the loss as a function of the params and the probes.
     def probed_loss(params, probes):
+      out_probes, in_probes = probes
       inputs: dict[str, list] = collections.defaultdict(list)
-      index = _ParamIndex(params)
-      loss_trace = tracers.current_trace()
+      loss_trace = _LossTrace(params)
 
       def interceptor(next_fun, call_args, call_kwargs, context):
-        # Inside a nested transform the recorded input would leak its trace.
-        if not _is_layer_call(context) or tracers.current_trace() != loss_trace:
+        if not _is_layer_call(context):
           return next_fun(*call_args, **call_kwargs)
-        name = _capture_name(index, context.module)
+        x = _call_input(call_args, call_kwargs)
+        site = loss_trace.site(context.module, x)
+        if site.how == "skip" or site.name in dropped:
+          return next_fun(*call_args, **call_kwargs)
+        name = site.name
         call = len(inputs[name])
-        inputs[name].append(_call_input(call_args, call_kwargs))
-        outputs = next_fun(*call_args, **call_kwargs)
-        if name not in probes or call >= len(probes[name]):
+        if (name not in out_probes or call >= len(out_probes[name])
+            or (in_probes[name][call] is None) != (site.how == "direct")):
           raise ValueError(
-              f"layer {name!r} was called more often than in the shape pass; "
-              "the loss function must call its layers deterministically.")
-        return outputs + probes[name][call]
+              f"layer {name!r} was called more often, or elsewhere, than in the "
+              "shape pass; the loss function must call its layers deterministically.")
+        # A direct call's input is kept as it is; one inside jax.checkpoint
+        # comes back as the gradient of its input probe.
+        inputs[name].append(x if site.how == "direct" else None)
+        outputs = next_fun(*call_args, **call_kwargs) + out_probes[name][call]
+        if site.how == "checkpoint":
+          outputs = _return_input(outputs, x, in_probes[name][call])
+        return outputs
 
-      with _intercept_layers(interceptor):
+      with _intercept_layers(interceptor, loss_trace):
         loss, fisher_loss, aux = split(loss_fn(params, *args, **kwargs))
+      missing = [name for name, probes in out_probes.items()
+                 if len(inputs.get(name, ())) != len(probes)]
+      if missing:
+        # jax.checkpoint keeps the trace of a function it has seen with the
+        # same shapes: applied to a function defined once (not in the loss),
+        # the second trace does not run the layers at all.
+        raise ValueError(
+            f"layers {missing} were called fewer times than in the shape pass. "
+            "The loss function must call its layers deterministically; a layer "
+            "inside jax.checkpoint(f) with f defined outside the loss is not "
+            "traced again (JAX reuses f's trace): use nn.remat, or apply "
+            "jax.checkpoint to a function made inside the loss.")
       recorded = (aux, {k: tuple(v) for k, v in inputs.items()})
       return ((loss, fisher_loss) if sampled else loss), recorded
 
+    probes = (out_probes, in_probes)
     if sampled:
       # One forward pass; the parameter gradient from the loss, the output
-      # gradients from the fisher loss.
+      # gradients (and the inputs given back inside jax.checkpoint) from the
+      # fisher loss.
       (loss, fisher_loss), vjp, (aux, inputs) = jax.vjp(
           probed_loss, params, probes, has_aux=True)
       grads, _ = vjp((jnp.ones_like(loss), jnp.zeros_like(fisher_loss)))
-      _, out_grads = vjp((jnp.zeros_like(loss), jnp.ones_like(fisher_loss)))
+      _, (out_grads, in_grads) = vjp((jnp.zeros_like(loss), jnp.ones_like(fisher_loss)))
     else:
-      (loss, (aux, inputs)), (grads, out_grads) = jax.value_and_grad(
+      (loss, (aux, inputs)), (grads, (out_grads, in_grads)) = jax.value_and_grad(
           probed_loss, argnums=(0, 1), has_aux=True)(params, probes)
-    captures = {name: LayerCapture(inputs[name], out_grads[name])
-                for name in out_grads}
+    captures = {}
+    for name, calls in call_shapes.items():
+      layer_inputs = tuple(
+          recorded if call.input is None else given.astype(call.input[0].dtype)
+          for recorded, given, call in zip(inputs[name], in_grads[name], calls))
+      captures[name] = LayerCapture(layer_inputs, out_grads[name])
     value = (loss, aux) if has_aux else loss
     return value, grads, captures
 
   return wrapped
+
+
+def _input_probe(shape: jax.ShapeDtypeStruct, axes: tuple) -> jax.Array:
+  """The zero probe whose gradient is the input of a call inside jax.checkpoint."""
+  return _zeros_varying_like(jax.ShapeDtypeStruct(shape.shape, _probe_dtype(shape.dtype)), axes)
 
 
 def _zeros_varying_like(shape: jax.ShapeDtypeStruct, axes: tuple) -> jax.Array:

@@ -3,7 +3,10 @@
 For a layer with gradient matrix ∇ (g_size, a_size):
 * eigen: ``A = QA diag(dA) QAᵀ``, ``G = QG diag(dG) QGᵀ`` (eigenvalues clamped
   at 0), ``P = QG [(QGᵀ ∇ QA) / (dG dAᵀ + damping)] QAᵀ``;
-* inverse: ``P = (G + damping I)⁻¹ ∇ (A + damping I)⁻¹``.
+* inverse: ``P = (G + damping I)⁻¹ ∇ (A + damping I)⁻¹``;
+* ekfac (George et al., NeurIPS 2018): as eigen, with a running estimate S
+  of the second moment of the per-row gradients in the Kronecker eigenbasis
+  in place of ``dG dAᵀ``: ``P = QG [(QGᵀ ∇ QA) / (S + damping)] QAᵀ``.
 
 Layers with several blocks carry a leading blocks axis on every array and
 are preconditioned block by block. A diagonal A (Embed) is its own
@@ -46,6 +49,18 @@ class EigenOuter(NamedTuple):
   inv_eigval_outer: jax.Array
 
 
+class EigenCorrected(NamedTuple):
+  """EKFAC: eigenbases and the eigenvalue scaling S (g, a), damping added when preconditioning.
+
+  S starts at ``dG dAᵀ`` when the bases are recomputed and follows the
+  running average of ``(QGᵀ g)² (QAᵀ a)²ᵀ`` over the rows on factor steps.
+  Shapes as ``EigenOuter``'s.
+  """
+  a_eigvecs: Optional[jax.Array]
+  g_eigvecs: jax.Array
+  scaling: jax.Array
+
+
 class Inverse(NamedTuple):
   """Damped inverses: a_inv (a, a) = (A + damping I)⁻¹ ((a,) when A is
   diagonal), g_inv (g, g); with a leading blocks axis for several blocks."""
@@ -53,8 +68,8 @@ class Inverse(NamedTuple):
   g_inv: jax.Array
 
 
-Decomposition = Union[Eigen, EigenOuter, Inverse]
-COMPUTE_METHODS = ("eigen", "inverse")
+Decomposition = Union[Eigen, EigenOuter, EigenCorrected, Inverse]
+COMPUTE_METHODS = ("eigen", "inverse", "ekfac")
 
 
 def _transpose(m: jax.Array) -> jax.Array:
@@ -98,6 +113,8 @@ def assemble(a_parts: tuple, g_parts: tuple, damping, method: str,
     return Inverse(a_parts[0], g_parts[0])
   a_vecs, a_vals = a_parts if len(a_parts) == 2 else (None, a_parts[0])
   g_vecs, g_vals = g_parts
+  if method == "ekfac":
+    return EigenCorrected(a_vecs, g_vecs, g_vals[..., :, None] * a_vals[..., None, :])
   if outer:
     return EigenOuter(a_vecs, g_vecs, 1 / (g_vals[..., :, None] * a_vals[..., None, :] + damping))
   return Eigen(a_vecs, g_vecs, a_vals, g_vals)
@@ -115,6 +132,8 @@ def decomposition_type(method: str, outer: bool) -> type:
   """The NamedTuple a layer's decomposition is kept in."""
   if method == "inverse":
     return Inverse
+  if method == "ekfac":
+    return EigenCorrected
   return EigenOuter if outer else Eigen
 
 
@@ -127,6 +146,7 @@ def field_shapes(kind: type, a: layers_lib.FactorShape,
       "a_eigvals": a.shape if a.diagonal else a.shape[:-1],
       "g_eigvals": g.shape[:-1],
       "inv_eigval_outer": g.shape[:-1] + (a.size,),
+      "scaling": g.shape[:-1] + (a.size,),
       "a_inv": a.shape,
       "g_inv": g.shape,
   }
@@ -140,7 +160,7 @@ def identity_decomposition(a: layers_lib.FactorShape, g: layers_lib.FactorShape,
     return Inverse(a.identity(dtype) / (1 + damping), g.identity(dtype) / (1 + damping))
   kind = decomposition_type(method, outer)
   fill = {"a_eigvecs": a.identity(dtype), "g_eigvecs": g.identity(dtype),
-          "inv_eigval_outer": 1 / (1 + damping)}
+          "inv_eigval_outer": 1 / (1 + damping), "scaling": 1}
   return kind(*[None if shape is None else
                 jnp.broadcast_to(jnp.asarray(fill.get(field, 1), dtype), shape)
                 for field, shape in zip(kind._fields, field_shapes(kind, a, g))])
@@ -167,6 +187,8 @@ def precondition(d: Decomposition, grad: jax.Array, damping) -> jax.Array:
     v = v @ d.a_eigvecs
   if isinstance(d, EigenOuter):
     v = v * d.inv_eigval_outer
+  elif isinstance(d, EigenCorrected):
+    v = v / (d.scaling + damping)
   else:
     v = v / (d.g_eigvals[..., :, None] * d.a_eigvals[..., None, :] + damping)
   v = d.g_eigvecs @ v

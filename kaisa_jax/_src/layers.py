@@ -108,6 +108,11 @@ def _block_covariance(x: jax.Array, with_ones: bool) -> jax.Array:
   return _with_ones_column(x.T @ x, jnp.sum(x, axis=0), x.shape[0], with_ones)
 
 
+def _append_ones(x: jax.Array) -> jax.Array:
+  """``[x, 1]``: a ones column after the last axis."""
+  return jnp.concatenate([x, jnp.ones(x.shape[:-1] + (1,), x.dtype)], axis=-1)
+
+
 def _with_ones_column(xtx, col_sums, rows: int, with_ones: bool) -> jax.Array:
   """Borders ``xᵀx`` (..., n, n) with the column sums (..., n) and the row count.
 
@@ -186,6 +191,33 @@ class Layer:
   @property
   def bias_shape(self) -> tuple[int, ...]:
     return (self.blocks * self.g_size,)
+
+  def a_rows(self, inputs: jax.Array, dtype) -> jax.Array:
+    """(rows, [blocks,] a_size): the rows A is the mean outer product of.
+
+    With the kind's scaling and the bias's ones column; row r pairs with
+    row r of ``g_rows``. Used by EKFAC, which needs the rows themselves.
+    """
+    raise NotImplementedError
+
+  def g_rows(self, out_grads: jax.Array, dtype) -> jax.Array:
+    """(rows, [blocks,] g_size): the rows G is the mean outer product of."""
+    raise NotImplementedError
+
+  def projected_second_moment(self, inputs: jax.Array, out_grads: jax.Array, a_eigvecs,
+                              g_eigvecs, dtype) -> tuple[jax.Array, int]:
+    """EKFAC: ``Σ_r (QGᵀ g_r)² (QAᵀ a_r)²ᵀ`` over one call's rows, and their count.
+
+    ``grad_shape``: the second moment of the per-row gradients ``g_r a_rᵀ``
+    in the Kronecker eigenbasis (George et al., 2018). ``a_eigvecs`` is None
+    when A is diagonal (its eigenbasis is the identity).
+    """
+    a = self.a_rows(inputs, dtype)
+    g = self.g_rows(out_grads, dtype)
+    if a_eigvecs is not None:
+      a = jnp.einsum("r...i,...ij->r...j", a, a_eigvecs.astype(dtype))
+    g = jnp.einsum("r...i,...ij->r...j", g, g_eigvecs.astype(dtype))
+    return jnp.einsum("r...i,r...j->...ij", g * g, a * a), a.shape[0]
 
   def kernel_matrix(self, kernel) -> jax.Array:
     """The kernel as the gradient matrix without its bias column."""
@@ -270,8 +302,15 @@ class Dense(Layer):
     return _block_covariance(x, self.has_bias), x.shape[0]
 
   def g_stats(self, out_grads: jax.Array, dtype) -> tuple[jax.Array, int]:
-    g = self._rows(self._output_features(out_grads.astype(dtype)), jnp.sum)
+    g = self.g_rows(out_grads, dtype)
     return g.T @ g, g.shape[0]
+
+  def a_rows(self, inputs, dtype):
+    x = self._rows(self._input_features(inputs.astype(dtype)), jnp.mean)
+    return _append_ones(x) if self.has_bias else x
+
+  def g_rows(self, out_grads, dtype):
+    return self._rows(self._output_features(out_grads.astype(dtype)), jnp.sum)
 
   def kernel_matrix(self, kernel) -> jax.Array:
     return kernel.reshape(self.in_features, -1).T  # (in, out) -> (out, in)
@@ -362,8 +401,19 @@ class Embed(Layer):
     return counts, ids.shape[0]
 
   def g_stats(self, out_grads: jax.Array, dtype) -> tuple[jax.Array, int]:
-    g = out_grads.reshape(-1, self.g_size).astype(dtype)
+    g = self.g_rows(out_grads, dtype)
     return g.T @ g, g.shape[0]
+
+  def g_rows(self, out_grads, dtype):
+    return out_grads.reshape(-1, self.g_size).astype(dtype)
+
+  def projected_second_moment(self, inputs, out_grads, a_eigvecs, g_eigvecs, dtype):
+    # The rows of A are one-hot: scatter the projected gradients' squares by
+    # token id rather than multiplying (rows, V) one-hot rows.
+    g = self.g_rows(out_grads, dtype) @ g_eigvecs.astype(dtype)  # (rows, g_size)
+    ids = inputs.reshape(-1)
+    moment = jnp.zeros((self.a_size, self.g_size), dtype).at[ids].add(g * g)
+    return moment.T, ids.shape[0]
 
   def kernel_matrix(self, kernel) -> jax.Array:
     return kernel.T  # (V, features) -> (features, V)
@@ -556,6 +606,28 @@ class Conv(Layer):
     cov = jnp.einsum("rgi,rgj->gij", g, g) / (positions * positions)
     return (cov[0] if self.groups == 1 else cov), g.shape[0]
 
+  def _blocked_rows(self, rows: jax.Array, positions: int) -> jax.Array:
+    """(N S, groups * n) -> (N S, [groups,] n), scaled by 1/S as the reference does."""
+    rows = rows.reshape(rows.shape[0], self.groups, -1) / positions
+    return rows[:, 0] if self.groups == 1 else rows
+
+  def a_rows(self, inputs, dtype):
+    # The whole batch's patches at once (a_stats reduces them in chunks).
+    n = len(self.kernel_size)
+    x = inputs.reshape((-1,) + inputs.shape[-n - 1:]).astype(dtype)
+    patches = self._patches(x)
+    positions = math.prod(patches.shape[1:-1])
+    rows = patches.reshape(-1, self.groups, patches.shape[-1] // self.groups)
+    if self.has_bias:
+      rows = jnp.concatenate([rows, jnp.ones(rows.shape[:-1] + (1,), dtype)], axis=-1)
+    return self._blocked_rows(rows.reshape(rows.shape[0], -1), positions)
+
+  def g_rows(self, out_grads, dtype):
+    n = len(self.kernel_size)
+    positions = math.prod(out_grads.shape[-n - 1:-1])
+    return self._blocked_rows(out_grads.reshape(-1, out_grads.shape[-1]).astype(dtype),
+                              positions)
+
   def kernel_matrix(self, kernel) -> jax.Array:
     n = len(self.kernel_size)
     # (*k, C, O) -> (O, C, *k) -> (O, C * prod(k)), channel-major like the
@@ -646,6 +718,14 @@ class ScaleAndShift(Layer):
   def g_stats(self, out_grads: jax.Array, dtype) -> tuple[jax.Array, int]:
     g = out_grads.reshape(-1, self.blocks).astype(dtype)
     return jnp.sum(g * g, axis=0)[:, None, None], g.shape[0]
+
+  def a_rows(self, inputs, dtype):
+    x = inputs.astype(jnp.promote_types(inputs.dtype, jnp.float32))
+    xh = self.normalized(x).astype(dtype).reshape(-1, self.blocks, 1)  # (rows, features, 1)
+    return _append_ones(xh) if self.has_bias else xh
+
+  def g_rows(self, out_grads, dtype):
+    return out_grads.reshape(-1, self.blocks, 1).astype(dtype)
 
   def kernel_matrix(self, kernel) -> jax.Array:
     return kernel.reshape(self.blocks, 1, 1)

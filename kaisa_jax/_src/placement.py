@@ -273,6 +273,12 @@ def plan(layers: Sequence[layers_lib.Layer], num_devices: int, grad_worker_frac:
     raise ValueError(f"cost_model must be one of {COST_MODELS}, got {cost_model!r}.")
   grad_workers = grad_worker_count(num_devices, grad_worker_frac)
   columns = num_devices // grad_workers
+  if compute_method == "ekfac" and columns > 1:
+    raise ValueError(
+        f"compute_method='ekfac' needs every device to hold every eigenbasis "
+        f"(grad_worker_frac=1, COMM-OPT): its eigenvalue scaling is estimated from each "
+        f"device's own rows in those bases. Got grad_worker_frac={grad_worker_frac!r} on "
+        f"{num_devices} devices.")
   power = 3 if cost_model == "compute" else 2
   cost = lambda factor: factor.cost(power)
   load = [0.0] * num_devices

@@ -253,8 +253,13 @@ def kaisa(
     kl_clip: KL clip bound (float or schedule); None disables clipping.
     learning_rate: the learning rate of the optimizer that follows, used only
       by the KL clip; float or schedule.
-    compute_method: 'eigen' (eigendecompositions) or 'inverse' (damped
-      Cholesky inverses).
+    compute_method: 'eigen' (eigendecompositions), 'inverse' (damped
+      Cholesky inverses) or 'ekfac' (eigenvalue-corrected K-FAC, George et
+      al. 2018: the eigenbases of 'eigen' with a running average of the
+      per-row gradients' second moment in those bases, ``(QGᵀ g)² (QAᵀ
+      a)²ᵀ``, in place of ``dG dAᵀ``; it restarts from ``dG dAᵀ`` when the
+      bases are recomputed and is updated on factor steps). 'ekfac' needs
+      ``grad_worker_frac=1`` on several devices and ``accumulation_steps=1``.
     eigenvalue_outer_product: with 'eigen', form ``1/(dG dAᵀ + γ)`` when
       decomposing (damping fixed until the next decomposition) rather than
       at every step.
@@ -344,6 +349,10 @@ def kaisa(
   factor_update_steps = _check_positive_int("factor_update_steps", factor_update_steps)
   inv_update_steps = _check_positive_int("inv_update_steps", inv_update_steps)
   accumulation_steps = _check_positive_int("accumulation_steps", accumulation_steps)
+  if compute_method == "ekfac" and accumulation_steps > 1:
+    raise ValueError(
+        "compute_method='ekfac' does not support accumulation_steps > 1 yet: its "
+        "eigenvalue scaling needs each micro-batch's rows in the current eigenbases.")
   if isinstance(skip_layers, str):
     skip_layers = (skip_layers,)
   factor_dtype = _check_dtype("factor_dtype", factor_dtype)
@@ -557,8 +566,34 @@ def kaisa(
         out[l.name] = m
     return out
 
-  def preconditioned_step(grads, state: KaisaState, new_batch_factors):
-    """One optimizer step given the gradients and a thunk for the batch factors."""
+  def batch_moments(captures, store) -> dict:
+    """EKFAC: per layer, the mean of ``(QGᵀ g)² (QAᵀ a)²ᵀ`` over this batch's rows.
+
+    Scaled as G is (``g_share``, per-example B²), averaged over the devices
+    (every device holds every eigenbasis under COMM-OPT).
+    """
+    moments = {}
+    for l in active:
+      d, capture = store[l.name], captures[l.name]
+      total, rows = 0.0, 0
+      for inputs, out_grads in zip(capture.inputs, capture.out_grads):
+        moment, count = l.projected_second_moment(inputs, out_grads, d.a_eigvecs, d.g_eigvecs,
+                                                  factor_dtype)
+        total, rows = total + moment, rows + count
+      moment = total / rows
+      if g_factor_scaling == "per_example":
+        moment = moment * capture.inputs[0].shape[0] ** 2
+      moments[l.name] = moment
+    if axis_name is not None:
+      n = _axis_size(axis_name)
+      moments = lax.pmean({k: m * g_share(n) for k, m in moments.items()}, axis_name)
+    return moments
+
+  def preconditioned_step(grads, state: KaisaState, new_batch_factors, captures=None):
+    """One optimizer step given the gradients and a thunk for the batch factors.
+
+    ``captures`` are needed by 'ekfac' only (its scaling is built from the rows).
+    """
     plan = current_plan()
     n = plan.num_devices
     # With an axis even of one device: the reduced values are then typed as
@@ -594,6 +629,19 @@ def kaisa(
     store, rejected = maybe(
         is_due(step, inv_update_steps), inv_update_steps,
         lambda st: decompose_all(plan, factors, st, damping_t), keep_decompositions, store)
+
+    if compute_method == "ekfac":
+      def correct_scaling(store):
+        moments = batch_moments(captures, store)
+        ok = factors_lib.all_finite(moments) & factors_lib.all_finite(grads)
+        decay = _value(factor_decay, step)
+        return {k: d._replace(scaling=jnp.where(
+                    ok, decay * d.scaling + (1 - decay) * moments[k].astype(d.scaling.dtype),
+                    d.scaling))
+                for k, d in store.items()}
+
+      store = maybe(is_due(step, factor_update_steps), factor_update_steps,
+                    correct_scaling, lambda st: st, store)
 
     leaves = _leaves_by_path(grads)
     grad_mats = {}
@@ -636,7 +684,7 @@ def kaisa(
     _check_params(active, grads, "grads")
     _check_captures(layers, active, captures)
     if accumulation_steps == 1:
-      return preconditioned_step(grads, state, lambda: batch_factors(captures))
+      return preconditioned_step(grads, state, lambda: batch_factors(captures), captures)
     return accumulate(grads, state, captures)
 
   def accumulate(grads, state: KaisaState, captures):
