@@ -12,14 +12,15 @@ Across devices, ``placement`` shows the static KAISA plan and
 ``state_specs`` gives the shard_map specs of the optimizer state and
 ``convert_state`` moves a saved state to another device count;
 ``sampled_fisher_loss`` makes the output gradients of the sampled (true)
-Fisher, with ``value_and_grad(loss_fn, fisher="sampled")``.
+Fisher, with ``value_and_grad(loss_fn, fisher="sampled")``. Flax linen and
+NNX models are both supported.
 """
 
 from kaisa_jax._src.capture import LayerCapture, find_layers, value_and_grad
-from kaisa_jax._src.eigen import Eigen, EigenOuter, Inverse
+from kaisa_jax._src.eigen import Eigen, EigenCorrected, EigenOuter, Inverse
 from kaisa_jax._src.factors import LayerFactors
 from kaisa_jax._src.fisher import sampled_fisher_loss
-from kaisa_jax._src.layers import LayerRegistry
+from kaisa_jax._src.layers import FactorShape, LayerRegistry
 from kaisa_jax._src.placement import LayerPlacement, Placement
 from kaisa_jax._src.transform import (AccumulationState, KaisaState, convert_state, kaisa,
                                       placement, state_specs)
@@ -30,5 +31,5 @@ __all__ = [
     "find_layers", "value_and_grad", "kaisa", "placement", "state_specs", "convert_state",
     "sampled_fisher_loss",
     "Placement", "LayerPlacement", "LayerRegistry", "LayerCapture", "KaisaState", "AccumulationState",
-    "LayerFactors", "Eigen", "EigenOuter", "Inverse",
+    "LayerFactors", "FactorShape", "Eigen", "EigenOuter", "EigenCorrected", "Inverse",
 ]

@@ -169,6 +169,74 @@ def test_dense_general_unsupported_configurations_are_listed():
 
 
 # --------------------------------------------------------------------------
+# Einsum
+
+# equation, kernel shape, input shape, and the NumPy views: input rows
+# (rows, in), output-gradient rows (rows, out) and the kernel as (out, in).
+EINSUM_CASES = {
+    "query": ("btd,dhk->bthk", (5, 2, 3), (3, 4, 5),
+              lambda x: x.reshape(-1, 5), lambda g: g.reshape(-1, 6),
+              lambda k: k.reshape(5, 6).T),
+    "output": ("bthk,hkd->btd", (2, 3, 5), (3, 4, 2, 3),
+               lambda x: x.reshape(-1, 6), lambda g: g.reshape(-1, 5),
+               lambda k: k.reshape(6, 5).T),
+    "transposed_kernel": ("bd,fd->bf", (3, 5), (4, 5),
+                          lambda x: x, lambda g: g, lambda k: k),
+    "ellipsis": ("...d,df->...f", (4, 3), (2, 3, 4),
+                 lambda x: x.reshape(-1, 4), lambda g: g.reshape(-1, 3), lambda k: k.T),
+    # output positions in another order: rows pair (b, t) with (b, t)
+    "reordered": ("btd,dk->tbk", (5, 2), (3, 4, 5),
+                  lambda x: x.reshape(-1, 5), lambda g: g.transpose(1, 0, 2).reshape(-1, 2),
+                  lambda k: k.T),
+}
+
+
+@pytest.mark.parametrize("method", ["inverse", "eigen", "ekfac"])
+@pytest.mark.parametrize("case", sorted(EINSUM_CASES))
+def test_einsum_step_matches_oracle(case, method):
+  equation, kernel_shape, x_shape, np_in, np_out, np_kernel = EINSUM_CASES[case]
+  module = nn.Einsum(kernel_shape, equation)
+  rng = np.random.default_rng(8)
+  x = rng.normal(size=x_shape).astype(np.float32)
+  params = random_params(module, jnp.asarray(x), seed=9)
+  y_shape = jax.eval_shape(lambda: module.apply({"params": params}, x)).shape
+  t = rng.normal(size=y_shape).astype(np.float32)
+  registry, grads, updates, _ = _kfac_step(module, params, x, t, method)
+
+  (layer,) = registry.layers
+  a_rows = _with_ones(np_in(np.asarray(x, np.float64)))
+  g_rows = np_out(_out_grads(module, params, x, t))
+  assert layer.kind == "einsum"
+  assert (layer.a_size, layer.g_size) == (a_rows.shape[1], g_rows.shape[1])
+  bias = np.asarray(grads["bias"], np.float64).reshape(-1, 1)  # the output's order
+  grad = np.concatenate([np_kernel(np.asarray(grads["kernel"], np.float64)), bias], axis=1)
+  expected = _np_precondition(a_rows, g_rows, grad, method)
+  assert_close(np_kernel(np.asarray(updates["kernel"], np.float64)), expected[:, :-1],
+               rtol=1e-4)
+  assert_close(np.asarray(updates["bias"]).reshape(-1), expected[:, -1], rtol=1e-4)
+
+
+@pytest.mark.parametrize("equation, reason", [
+    ("bhd,hdk->bhk", "batched kernel"),
+    ("bd,dk->b", "kernel indices summed"),
+    ("btd,dk->bk", "input indices summed"),
+    ("db,dk->bk", "leading (batch) input axis"),
+    ("bdd,dk->bk", "repeated index"),
+])
+def test_einsum_unsupported_equations_are_listed(equation, reason):
+  kernel_shape = {"bhd,hdk->bhk": (2, 3, 4), "bd,dk->b": (3, 4), "btd,dk->bk": (3, 4),
+                  "db,dk->bk": (3, 4), "bdd,dk->bk": (3, 4)}[equation]
+  x_shape = {"bhd,hdk->bhk": (5, 2, 3), "bd,dk->b": (5, 3), "btd,dk->bk": (5, 2, 3),
+             "db,dk->bk": (3, 5), "bdd,dk->bk": (5, 3, 3)}[equation]
+  module = nn.Einsum(kernel_shape, equation, use_bias=False)
+  x = jnp.ones(x_shape)
+  params = random_params(module, x)
+  registry = kaisa_jax.find_layers(lambda p, x: jnp.sum(module.apply({"params": p}, x)),
+                                   params, x)
+  assert not registry.layers and reason in registry.skipped[0].reason
+
+
+# --------------------------------------------------------------------------
 # Embed
 
 

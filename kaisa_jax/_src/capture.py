@@ -432,6 +432,13 @@ def find_layers(loss_fn: Callable[..., Any], params: Any, *args,
     kernel in ``params`` without the leaf, e.g. 'encoder/Dense_0'. A
     ``flax.linen.Dense`` 64 -> 32 with bias has A size 65 and G size 32.
 
+    Layers called inside ``nn.remat`` / ``nn.checkpoint`` / ``jax.checkpoint``
+    are registered like the others (a linen layer is found in ``params`` by
+    its scope path, e.g. 'CheckpointDense_0'). Layers called inside a loop
+    (``nn.scan``, ``lax.scan``, ``fori_loop``), ``vmap`` or another
+    transform, or inside ``nnx.remat`` (whose parameters are copies), are
+    listed in ``skipped`` with the reason.
+
   Example:
     >>> layers = kaisa_jax.find_layers(loss_fn, params, x, y)
     >>> print(layers)
@@ -562,7 +569,10 @@ def value_and_grad(loss_fn: Callable[..., Any], has_aux: bool = False,
     ...                                 captures=captures)
 
   Works under ``jax.jit``, ``pmap`` and ``shard_map``; it captures every
-  supported layer, registered or not.
+  supported layer, registered or not, except those ``find_layers`` lists as
+  skipped for a nested transform. A call inside ``jax.checkpoint`` (``nn.remat``)
+  is captured exactly: its input comes back from the backward pass, as the
+  input the gradient was computed with.
   """
   if fisher not in fisher_lib.FISHER_TYPES:
     raise ValueError(f"fisher must be one of {fisher_lib.FISHER_TYPES}, got {fisher!r}.")

@@ -365,6 +365,116 @@ class DenseGeneral(Dense):
     return out_grads.reshape(out_grads.shape[:out_grads.ndim - n_out] + (-1,))
 
 
+def _einsum_roles(equation: str, input_ndim: int):
+  """The letters of an ``input,kernel->output`` einsum as (positions, contracted, features).
+
+  positions: input letters kept in the output (batch first); contracted:
+  input letters summed against the kernel, in input order; features: kernel
+  letters of the output, in output order (Flax's bias order). Returns the
+  equation with any ellipsis spelled out, or raises ``UnsupportedLayer``.
+  """
+  equation = equation.replace(" ", "")
+  if "->" not in equation or equation.count(",") != 1:
+    raise UnsupportedLayer(f"einsum {equation!r} is not of the form 'input,kernel->output'")
+  operands, out = equation.split("->")
+  lhs, rhs = operands.split(",")
+  if "..." in rhs:
+    raise UnsupportedLayer(f"einsum {equation!r}: an ellipsis in the kernel")
+  if "..." in lhs:
+    spare = [c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in equation]
+    ellipsis = "".join(spare[:input_ndim - (len(lhs) - 3)])
+    lhs, out = lhs.replace("...", ellipsis), out.replace("...", ellipsis)
+  if any(len(set(t)) != len(t) for t in (lhs, rhs, out)):
+    raise UnsupportedLayer(f"einsum {equation!r}: a repeated index (a diagonal)")
+  shared = [c for c in lhs if c in rhs and c in out]
+  if shared:
+    raise UnsupportedLayer(
+        f"einsum {equation!r}: indices {''.join(shared)} in the input, the kernel and the "
+        "output (a batched kernel)")
+  if any(c not in lhs and c not in out for c in rhs):
+    raise UnsupportedLayer(f"einsum {equation!r}: kernel indices summed on their own")
+  if any(c not in rhs and c not in out for c in lhs):
+    raise UnsupportedLayer(f"einsum {equation!r}: input indices summed on their own")
+  positions = tuple(c for c in lhs if c in out)
+  if not positions or positions[0] != lhs[0]:
+    raise UnsupportedLayer(f"einsum {equation!r}: the leading (batch) input axis is contracted")
+  contracted = tuple(c for c in lhs if c in rhs)
+  features = tuple(c for c in out if c in rhs)
+  return f"{lhs},{rhs}->{out}", positions, contracted, features
+
+
+@dataclasses.dataclass(frozen=True)
+class Einsum(Dense):
+  """``flax.linen.Einsum``: ``einsum('input,kernel->output', x, kernel)``.
+
+  The kernel is the (prod(features), prod(contracted)) matrix, ``features``
+  its indices kept in the output (in output order, as the bias), and
+  ``contracted`` those summed against the input (in input order); the
+  input's other indices are the batch and positions (weight sharing as in
+  ``Dense``). E.g. 'btd,dhk->bthk' is an attention projection. Kernels with
+  an index shared by all three operands (batched kernels) are not
+  supported.
+  """
+  equation: str = ""  # explicit, ellipsis spelled out
+  positions: tuple[str, ...] = ()
+  contracted: tuple[str, ...] = ()
+  features: tuple[str, ...] = ()
+
+  kind = "einsum"
+  modules = (nn.Einsum,)
+
+  @property
+  def _operands(self) -> tuple[str, str, str]:
+    lhs_rhs, out = self.equation.split("->")
+    lhs, rhs = lhs_rhs.split(",")
+    return lhs, rhs, out
+
+  @property
+  def _kernel_order(self) -> tuple[int, ...]:
+    """Kernel axes in (contracted..., features...) order."""
+    rhs = self._operands[1]
+    return tuple(rhs.index(c) for c in self.contracted + self.features)
+
+  @property
+  def in_features(self) -> int:
+    rhs = self._operands[1]
+    return math.prod(self.kernel_shape[rhs.index(c)] for c in self.contracted)
+
+  @property
+  def bias_shape(self) -> tuple[int, ...]:
+    rhs = self._operands[1]
+    return tuple(self.kernel_shape[rhs.index(c)] for c in self.features)
+
+  @classmethod
+  def from_call(cls, module, name, kernel_path, bias_path, kernel_shape,
+                inputs, outputs, call_kwargs) -> "Einsum":
+    del outputs
+    equation = call_kwargs.get("einsum_str") or module.einsum_str
+    if equation is None:
+      raise UnsupportedLayer("Einsum whose einsum_str is passed positionally at call time")
+    equation, positions, contracted, features = _einsum_roles(equation, inputs.ndim)
+    return cls(name, kernel_path, bias_path, tuple(kernel_shape), equation=equation,
+               positions=positions, contracted=contracted, features=features)
+
+  def _input_features(self, inputs: jax.Array) -> jax.Array:
+    lhs = self._operands[0]
+    x = jnp.transpose(inputs, [lhs.index(c) for c in self.positions + self.contracted])
+    return x.reshape(x.shape[:len(self.positions)] + (-1,))
+
+  def _output_features(self, out_grads: jax.Array) -> jax.Array:
+    out = self._operands[2]
+    g = jnp.transpose(out_grads, [out.index(c) for c in self.positions + self.features])
+    return g.reshape(g.shape[:len(self.positions)] + (-1,))
+
+  def kernel_matrix(self, kernel) -> jax.Array:
+    return jnp.transpose(kernel, self._kernel_order).reshape(self.in_features, -1).T
+
+  def kernel_from_matrix(self, mat) -> jax.Array:
+    order = self._kernel_order
+    kernel = mat.T.reshape(tuple(self.kernel_shape[i] for i in order))
+    return jnp.transpose(kernel, tuple(order.index(i) for i in range(len(order))))
+
+
 @dataclasses.dataclass(frozen=True)
 class Embed(Layer):
   """``flax.linen.Embed``: a table (num_embeddings, features) indexed by token ids.
@@ -847,7 +957,7 @@ class Skipped:
 # Flax layers with parameters that no kind handles (yet): find_layers lists
 # them as skipped instead of leaving them unnoticed.
 _UNSUPPORTED_MODULES = (
-    ((nn.Einsum, nnx.Einsum), "Einsum projections are not supported yet"),
+    ((nnx.Einsum,), "nnx.Einsum is not supported yet (linen's Einsum is)"),
     ((nn.ConvTranspose, nnx.ConvTranspose), "transposed convolutions are not supported yet"),
     ((nn.ConvLocal,), "unshared (local) convolutions are not supported yet"),
     ((nnx.LinearGeneral,), "nnx.LinearGeneral is not supported yet (linen's DenseGeneral is)"),
@@ -865,7 +975,7 @@ def unsupported_reason(module: nn.Module) -> Optional[str]:
 
 
 # Most specific first: a kind's ``matches`` may accept subclasses.
-LAYER_KINDS = (DenseGeneral, Dense, Conv, Embed, LayerNorm, RMSNorm, GroupNorm, BatchNorm)
+LAYER_KINDS = (DenseGeneral, Einsum, Dense, Conv, Embed, LayerNorm, RMSNorm, GroupNorm, BatchNorm)
 
 
 def kind_of(module: nn.Module):
