@@ -585,7 +585,9 @@ class _RematNet(nn.Module):
     return nn.Dense(2)(jnp.tanh(x))
 
 
-def test_layer_inside_remat_is_listed_as_skipped_not_mis_captured():
+def test_layer_inside_remat_is_registered_and_captured_exactly():
+  # A call inside nn.remat is captured like any other: its input comes back
+  # from the backward pass (tests/test_capture_transforms.py has the rest).
   model = _RematNet()
   x = jnp.asarray(np.random.default_rng(0).normal(size=(5, 3)), jnp.float32)
   params = model.init(jax.random.key(0), x)["params"]
@@ -594,21 +596,29 @@ def test_layer_inside_remat_is_listed_as_skipped_not_mis_captured():
     return jnp.mean(model.apply({"params": p}, x) ** 2)
 
   registry = kaisa_jax.find_layers(loss_fn, params, x)
-  assert registry.names == ("Dense_0",)
-  assert [s.name for s in registry.skipped] == ["CheckpointDense_0"]
-  assert "remat" in registry.skipped[0].reason
-  assert "CheckpointDense_0" in str(registry)
-  with pytest.raises(ValueError, match="skip_layers"):
-    kaisa_jax.kaisa(registry)
+  assert registry.names == ("CheckpointDense_0", "Dense_0")
+  assert registry.skipped == ()
+  assert registry["CheckpointDense_0"].kernel_path == (DictKey("CheckpointDense_0"),
+                                                       DictKey("kernel"))
 
-  loss, grads, captures = jax.jit(kaisa_jax.value_and_grad(loss_fn))(params, x)
-  assert set(captures) == {"Dense_0"}
-  # The layer outside remat is captured exactly: a_iᵀ g_i is its kernel gradient.
-  cap = captures["Dense_0"]
-  np.testing.assert_allclose(
-      np.asarray(cap.inputs[0], np.float64).T @ np.asarray(cap.out_grads[0], np.float64),
-      grads["Dense_0"]["kernel"], rtol=1e-5, atol=1e-7)
-  tx = kaisa_jax.kaisa(registry, skip_layers=("CheckpointDense_0",))
-  updates, _ = tx.update(grads, tx.init(params), params, captures=captures)
-  np.testing.assert_array_equal(updates["CheckpointDense_0"]["kernel"],
-                                grads["CheckpointDense_0"]["kernel"])
+  _, grads, captures = jax.jit(kaisa_jax.value_and_grad(loss_fn))(params, x)
+  assert set(captures) == {"CheckpointDense_0", "Dense_0"}
+  # float64 forward and manual backprop.
+  w0, b0 = (np.asarray(params["CheckpointDense_0"][k], np.float64) for k in ("kernel", "bias"))
+  w1, b1 = (np.asarray(params["Dense_0"][k], np.float64) for k in ("kernel", "bias"))
+  x64 = np.asarray(x, np.float64)
+  r = np.tanh(x64 @ w0 + b0)
+  z = r @ w1 + b1
+  dz = 2 * z / z.size
+  dh = (dz @ w1.T) * (1 - r ** 2)
+  for name, a, g in (("CheckpointDense_0", x64, dh), ("Dense_0", r, dz)):
+    (inputs,), (out_grads,) = captures[name]
+    assert_close(inputs, a)
+    assert_close(out_grads, g)
+    assert_close(np.asarray(inputs, np.float64).T @ np.asarray(out_grads, np.float64),
+                 grads[name]["kernel"])
+  # No skip_layers needed, and the remat'ed layer is preconditioned.
+  tx = kaisa_jax.kaisa(registry)
+  updates, _ = jax.jit(tx.update)(grads, tx.init(params), params, captures=captures)
+  assert not np.allclose(np.asarray(updates["CheckpointDense_0"]["kernel"]),
+                         np.asarray(grads["CheckpointDense_0"]["kernel"]))
