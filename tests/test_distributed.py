@@ -191,6 +191,7 @@ def single(layers):
 
 
 @pytest.mark.slow
+@pytest.mark.sweep
 @pytest.mark.parametrize("method", ["eigen", "inverse"])
 @pytest.mark.parametrize("num_devices, frac", strategies())
 def test_pmap_matches_single_device(layers, single, method, num_devices, frac):
@@ -198,6 +199,7 @@ def test_pmap_matches_single_device(layers, single, method, num_devices, frac):
 
 
 @pytest.mark.slow
+@pytest.mark.sweep
 @pytest.mark.parametrize("method", ["eigen", "inverse"])
 @pytest.mark.parametrize("num_devices, frac", strategies())
 def test_shard_map_matches_single_device(layers, single, method, num_devices, frac):
@@ -290,6 +292,7 @@ def collective_bytes(hlo: str) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.sweep
 @pytest.mark.parametrize("frac, kinds", [(1 / 8, False), (1 / 4, False), (1 / 2, False),
                                          (1.0, False), (1 / 4, True)])
 @pytest.mark.parametrize("method", ["eigen", "inverse"])
