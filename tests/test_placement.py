@@ -85,7 +85,7 @@ def test_memory_cost_model_balances_squares():
   by_memory = kaisa_jax.placement(layers, 2, 0.5, cost_model="memory")
 
   def greedy(power):
-    load, out = [0.0, 0.0], []
+    load = [0.0, 0.0]
     order = sorted(range(len(sizes)), key=lambda i: -(sizes[i][0] ** power + sizes[i][1] ** power))
     assigned = {}
     for i in order:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional, Sequence
+from typing import Sequence
 
 from kaisa_jax._src import eigen as eigen_lib
 from kaisa_jax._src import layers as layers_lib
