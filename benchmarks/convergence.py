@@ -2,12 +2,17 @@
 
 Tasks (scikit-learn's digits, embedded in the wheel): the MLP and the CNN of
 ``examples/digits.py`` (cross-entropy) and the deep autoencoder of
-``examples/autoencoder.py`` (squared error), each at two batch sizes.
+``examples/autoencoder.py`` (squared error), each at two batch sizes. On
+request, ``transformer``: the character-level decoder-only transformer of
+``examples/transformer.py`` on its generated text, at batch 32, with a
+*validation*-loss target, against AdamW (its own optimizers and grids, see
+``TASK_OPTIMIZERS`` and ``TASK_GRIDS``).
 
 Optimizers, all in this process, from the same initial parameters on the
 same batches:
 
 * ``adam``, ``sgd`` (momentum 0.9): optax;
+* ``adamw``: optax, weight decay on kernels and embeddings only;
 * ``kaisa``: ``kaisa_jax.kaisa`` (G as the loss gives it, the reference's
   convention) chained before SGD-momentum;
 * ``kaisa/pe``: the same with ``g_factor_scaling="per_example"``;
@@ -17,6 +22,10 @@ same batches:
 * ``kaisa/sampled``: ``kaisa/pe`` with the sampled Fisher
   (``value_and_grad(fisher="sampled")``, targets drawn from the model's
   softmax or unit Gaussian; on request);
+* ``kaisa/adamw``, ``kaisa/reduce-adamw``: ``kaisa/pe`` (weight sharing
+  'expand', resp. 'reduce') chained before AdamW instead of SGD-momentum,
+  without the KL clip (AdamW rescales every coordinate by its own second
+  moment, so a clip that scales the whole step by one factor does little);
 * ``kfac-jax``: DeepMind's ``kfac_jax.Optimizer`` with a fixed learning rate,
   momentum 0.9 and a fixed damping, the same factor and inverse periods as
   ours (skipped with a message when ``kfac_jax`` is not installed; its
@@ -40,6 +49,7 @@ Run from the repository root::
   python benchmarks/convergence.py --tasks mlp --batch-sizes 128
   python benchmarks/convergence.py --tasks tokens --optimizers adam kaisa/pe kaisa/reduce
   python benchmarks/convergence.py --optimizers adam sgd kaisa/pe kaisa/sampled
+  python benchmarks/convergence.py --tasks transformer      # AdamW against K-FAC, ~13 min
   python benchmarks/convergence.py --quick         # a smoke run
 
 It prints a table per task and a summary, and writes ``convergence.json``,
@@ -76,6 +86,7 @@ import kaisa_jax
 
 import autoencoder  # examples/autoencoder.py
 import digits  # examples/digits.py
+import transformer  # examples/transformer.py
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -90,10 +101,24 @@ MOMENTUM = 0.9
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-  """A model, its loss and its training-loss target."""
+  """A model, its loss and its loss target.
+
+  By default the data are the digits, the target is on the loss over the
+  whole training set and the batch sizes are 128 and 1024. ``load_data``
+  (returning x_train, y_train, x_test, y_test), ``eval_split`` ('test': the
+  target is on the held-out split's loss) and ``batch_sizes`` change that.
+  """
   model: Any
   kind: str  # 'classify' (softmax cross-entropy) or 'reconstruct' (squared error)
   target: float
+  load_data: Optional[Callable[[], dict]] = None
+  eval_split: str = "train"
+  batch_sizes: tuple[int, ...] = (128, 1024)
+
+  @property
+  def loss_key(self) -> str:
+    """The name of the measured loss in a curve."""
+    return "train_loss" if self.eval_split == "train" else "valid_loss"
 
 
 class TokenMLP(nn.Module):
@@ -113,6 +138,12 @@ TASKS = {
     "cnn": Task(digits.CNN(), "classify", target=0.005),
     "autoencoder": Task(autoencoder.Autoencoder(), "reconstruct", target=0.35),
     "tokens": Task(TokenMLP(), "classify", target=0.005),
+    # The next-character cross-entropy (nats) over every position, measured on
+    # 128 held-out windows of 64 characters; AdamW reaches it in about 350
+    # steps, at the end of the fast fall and before the slow tail.
+    "transformer": Task(transformer.Transformer(vocab=len(transformer.VOCAB)), "classify",
+                        target=transformer.TARGET, load_data=transformer.load_data,
+                        eval_split="test", batch_sizes=(transformer.BATCH_SIZE,)),
 }
 # The weight-sharing study (K-FAC-expand against K-FAC-reduce on "tokens")
 # runs on request: --tasks tokens --optimizers adam kaisa/pe kaisa/reduce.
@@ -134,11 +165,33 @@ GRIDS = {
     "kaisa/reduce": _KFAC_GRID,
     "kaisa/sampled": _KFAC_GRID,
     "kfac-jax": dict(learning_rate=(0.03, 0.1, 0.3), damping=(1e-3, 1e-2, 1e-1)),
+    # The transformer's: AdamW and K-FAC chained before it.
+    "adamw": dict(learning_rate=(1e-3, 3e-3, 1e-2), weight_decay=(0.0, 0.1)),
+    "kaisa/adamw": dict(learning_rate=(1e-3, 3e-3, 1e-2), damping=(1e-2, 1e-1)),
+    "kaisa/reduce-adamw": dict(learning_rate=(1e-3, 3e-3, 1e-2), damping=(1e-2, 1e-1)),
 }
 OPTIMIZERS = tuple(GRIDS)
-DEFAULT_OPTIMIZERS = tuple(name for name in OPTIMIZERS
-                           if name not in ("kaisa/reduce", "kaisa/sampled"))
-FIRST_ORDER = ("adam", "sgd")
+DEFAULT_OPTIMIZERS = tuple(
+    name for name in OPTIMIZERS
+    if name not in ("kaisa/reduce", "kaisa/sampled", "adamw", "kaisa/adamw",
+                    "kaisa/reduce-adamw"))
+FIRST_ORDER = ("adam", "sgd", "adamw")
+# A task's own optimizers, when --optimizers is not given, and its own grids
+# (in place of GRIDS' entries).
+# (The transformer's kaisa/reduce, before SGD, on request: its runs are the
+# longest, and expand against reduce is compared before AdamW.)
+TASK_OPTIMIZERS = {
+    "transformer": ("adamw", "kaisa/adamw", "kaisa/reduce-adamw", "kaisa/pe"),
+}
+TASK_GRIDS = {
+    # Four configurations each, to keep a full run within about 20 minutes on
+    # 2 CPU cores. kl_clip=1e-1 diverged after 300-400 steps in a trial run
+    # (lr 0.1 and 0.3, damping 1e-2); 1e-2 did not.
+    "transformer": {
+        "kaisa/pe": dict(learning_rate=(0.1, 0.3), damping=(1e-2, 1e-1), kl_clip=(1e-2,)),
+        "kaisa/reduce": dict(learning_rate=(0.1, 0.3), damping=(1e-2, 1e-1), kl_clip=(1e-2,)),
+    },
+}
 # Shared by both K-FAC libraries: the curvature every FACTOR_EVERY steps, the
 # decompositions (kfac-jax: inverses) every INVERSE_EVERY.
 FACTOR_EVERY, INVERSE_EVERY, FACTOR_DECAY = 5, 20, 0.95
@@ -186,20 +239,29 @@ def make_loss(task: Task, register: bool = False):
 def optax_optimizer(name: str, layers) -> optax.GradientTransformation:
   """The optimizer ``name`` with its grid's hyperparameters injected (placeholders)."""
   sgd = optax.inject_hyperparams(optax.sgd)(learning_rate=0.1, momentum=MOMENTUM)
+  # The mask is a function of the params, not a schedule: static.
+  adamw = optax.inject_hyperparams(optax.adamw, static_args=("mask",))(
+      learning_rate=1e-3, weight_decay=0.0, mask=transformer.decay_mask)
   if name == "adam":
     return optax.inject_hyperparams(optax.adam)(learning_rate=1e-3)
   if name == "sgd":
     return sgd
+  if name == "adamw":
+    return adamw
   scaling = "loss" if name == "kaisa" else "per_example"
-  weight_sharing = "reduce" if name == "kaisa/reduce" else "expand"
+  weight_sharing = "reduce" if name in ("kaisa/reduce", "kaisa/reduce-adamw") else "expand"
+  then_adamw = name in ("kaisa/adamw", "kaisa/reduce-adamw")
   kfac = optax.inject_hyperparams(
       kaisa_jax.kaisa,
       static_args=("factor_update_steps", "inv_update_steps", "accumulation_steps",
                    "grad_worker_frac"))(
           layers=layers, damping=0.1, learning_rate=0.1, factor_decay=FACTOR_DECAY,
-          kl_clip=1e-3, factor_update_steps=FACTOR_EVERY, inv_update_steps=INVERSE_EVERY,
-          g_factor_scaling=scaling, weight_sharing=weight_sharing)
-  return optax.chain(kfac, sgd)
+          kl_clip=None if then_adamw else 1e-3, factor_update_steps=FACTOR_EVERY,
+          inv_update_steps=INVERSE_EVERY, g_factor_scaling=scaling,
+          weight_sharing=weight_sharing,
+          # Layer kinds the library lists but cannot precondition: plain gradient.
+          skip_layers=transformer.skipped_layers(layers))
+  return optax.chain(kfac, adamw if then_adamw else sgd)
 
 
 def set_hyperparams(state, values: dict) -> set:
@@ -305,14 +367,20 @@ def copy(tree):
 
 def run(runner, task: Task, config: dict, data, batch_size: int, seed: int,
         max_steps: int, eval_every: int) -> dict:
-  """Trains from seed's parameters on seed's batches until the target or the budget."""
+  """Trains from seed's parameters on seed's batches until the target or the budget.
+
+  The loss is measured on the task's ``eval_split`` (the whole split) and
+  recorded under ``task.loss_key``.
+  """
   x, y = data["x_train"], data["y_train"]
+  eval_x, eval_y = data[f"x_{task.eval_split}"], data[f"y_{task.eval_split}"]
   params = task.model.init(jax.random.key(seed), x[:1])["params"]
   batches = digits.batch_indices(len(x), batch_size, max_steps, seed)
   evaluate = make_evaluate(task)
   step, state = runner.start(copy(params), config)
   params = copy(params)
-  curve = dict(step=[0], seconds=[0.0], train_loss=[float(evaluate(params, x, y))])
+  losses = [float(evaluate(params, eval_x, eval_y))]
+  curve = {"step": [0], "seconds": [0.0], task.loss_key: losses}
   elapsed = 0.0
   start = time.perf_counter()
   for i, idx in enumerate(batches):
@@ -321,14 +389,14 @@ def run(runner, task: Task, config: dict, data, batch_size: int, seed: int,
       continue
     jax.block_until_ready(params)
     elapsed += time.perf_counter() - start
-    loss = float(evaluate(params, x, y))
+    loss = float(evaluate(params, eval_x, eval_y))
     curve["step"].append(i + 1)
     curve["seconds"].append(elapsed)
-    curve["train_loss"].append(loss)
+    losses.append(loss)
     if not math.isfinite(loss) or loss <= task.target:
       break
     start = time.perf_counter()
-  reached = [(s, t) for s, t, l in zip(curve["step"], curve["seconds"], curve["train_loss"])
+  reached = [(s, t) for s, t, l in zip(curve["step"], curve["seconds"], losses)
              if l <= task.target]
   curve["steps_to_target"], curve["seconds_to_target"] = reached[0] if reached else (None, None)
   curve["ms_per_step"] = 1e3 * curve["seconds"][-1] / max(curve["step"][-1], 1)
@@ -345,16 +413,22 @@ def make_evaluate(task: Task):
   return _EVALUATORS[id(task)]
 
 
+def measured_loss(curve: dict) -> list:
+  """The curve's measured losses: on the training set or, for a task with a
+  held-out target, on the validation split."""
+  return curve["train_loss"] if "train_loss" in curve else curve["valid_loss"]
+
+
 def rank(curve: dict) -> tuple:
   """Sort key: reached first, then fewer steps, then fewer seconds, then lower loss."""
-  loss = curve["train_loss"][-1]
+  loss = measured_loss(curve)[-1]
   if curve["steps_to_target"] is None:
     return (1, 0, 0, loss if math.isfinite(loss) else math.inf)
   return (0, curve["steps_to_target"], curve["seconds_to_target"], 0)
 
 
-def configs(name: str) -> list[dict]:
-  grid = GRIDS[name]
+def configs(name: str, task_name: Optional[str] = None) -> list[dict]:
+  grid = TASK_GRIDS.get(task_name, {}).get(name, GRIDS[name])
   return [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
 
 
@@ -363,21 +437,22 @@ def configs(name: str) -> list[dict]:
 
 def benchmark_task(task_name: str, batch_size: int, optimizers, data, args) -> dict:
   task = TASKS[task_name]
+  data = task_data(task_name, data)
   x0, y0 = data["x_train"][:batch_size], data["y_train"][:batch_size]
   results = {}
   for name in optimizers:
     runner = (KfacJaxRunner(task, x0, y0) if name == "kfac-jax"
               else OptaxRunner(name, task, x0, y0))
     grid = []
-    for config in configs(name):
+    for config in configs(name, task_name):
       curve = run(runner, task, config, data, batch_size, args.grid_seed,
                   args.max_steps, args.eval_every)
       grid.append(dict(config=config, steps_to_target=curve["steps_to_target"],
                        seconds_to_target=curve["seconds_to_target"],
-                       final_loss=curve["train_loss"][-1]))
+                       final_loss=measured_loss(curve)[-1]))
       print(f"  {task_name} b{batch_size} {name:9s} {fmt_config(config):28s} "
             f"steps {fmt(curve['steps_to_target'])} seconds {fmt(curve['seconds_to_target'], 2)} "
-            f"final loss {curve['train_loss'][-1]:.4g}", flush=True)
+            f"final loss {measured_loss(curve)[-1]:.4g}", flush=True)
     best = min(range(len(grid)), key=lambda k: rank_grid(grid[k]))
     config = grid[best]["config"]
     seeds = [run(runner, task, config, data, batch_size, seed, args.max_steps,
@@ -389,6 +464,19 @@ def benchmark_task(task_name: str, batch_size: int, optimizers, data, args) -> d
     jax.clear_caches()
     _EVALUATORS.clear()
   return results
+
+
+_TASK_DATA = {}
+
+
+def task_data(task_name: str, digits_data: dict) -> dict:
+  """The task's data: the digits, or its own (loaded once per process)."""
+  task = TASKS[task_name]
+  if task.load_data is None:
+    return digits_data
+  if task_name not in _TASK_DATA:
+    _TASK_DATA[task_name] = task.load_data()
+  return _TASK_DATA[task_name]
 
 
 def rank_grid(entry: dict) -> tuple:
@@ -419,7 +507,7 @@ def fmt(value, digits_after: int = 0) -> str:
 
 
 def fmt_config(config: dict) -> str:
-  names = dict(learning_rate="lr", damping="damping", kl_clip="kl_clip")
+  names = dict(learning_rate="lr", damping="damping", kl_clip="kl_clip", weight_decay="wd")
   return " ".join(f"{names[k]}={v:g}" for k, v in config.items())
 
 
@@ -428,7 +516,11 @@ def task_table(task_name: str, batch_size: int, results: dict) -> str:
   firsts = [r for n, r in results.items() if n in FIRST_ORDER and r["median_steps"] is not None]
   best_steps = min((r["median_steps"] for r in firsts), default=None)
   best_seconds = min((r["median_seconds"] for r in firsts), default=None)
-  lines = [f"**{task_name}, batch {batch_size}** (target {TASKS[task_name].target:g})", "",
+  task = TASKS[task_name]
+  target = f"target {task.target:g}"
+  if task.eval_split != "train":
+    target = f"validation-loss target {task.target:g}"
+  lines = [f"**{task_name}, batch {batch_size}** ({target})", "",
            "| optimizer | chosen | reached | steps | seconds | ms/step | steps / best 1st-order "
            "| seconds / best 1st-order |",
            "|---|---|---|---:|---:|---:|---:|---:|"]
@@ -449,17 +541,18 @@ def plot(all_results: dict, path: str):
   for ax_row, (key, results) in zip(axes, rows):
     task_name = key.split(" ")[0]
     # A diverging run would stretch the axis over 30 decades: cut it off.
-    top = 3 * max(r["seeds"][0]["train_loss"][0] for r in results.values())
+    top = 3 * max(measured_loss(r["seeds"][0])[0] for r in results.values())
     for name, r in results.items():
       curve = r["seeds"][0]
       for ax, x_key in zip(ax_row, ("step", "seconds")):
-        ax.plot(curve[x_key], curve["train_loss"], marker=".", label=name)
+        ax.plot(curve[x_key], measured_loss(curve), marker=".", label=name)
     for ax, x_label in zip(ax_row, ("step", "seconds")):
       ax.axhline(TASKS[task_name].target, color="gray", linestyle="--", linewidth=1)
       ax.set_yscale("log")
       ax.set_ylim(top=top)
       ax.set_xlabel(x_label)
-      ax.set_ylabel("training loss")
+      ax.set_ylabel("training loss" if TASKS[task_name].eval_split == "train"
+                    else "validation loss")
       ax.set_title(f"{key}: loss vs {x_label}")
       ax.grid(True, which="both", alpha=0.3)
       ax.legend(fontsize=8)
@@ -473,10 +566,13 @@ def plot(all_results: dict, path: str):
 
 def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS), choices=list(TASKS))
-  parser.add_argument("--batch-sizes", nargs="+", type=int, default=[128, 1024])
-  parser.add_argument("--optimizers", nargs="+", default=list(DEFAULT_OPTIMIZERS),
-                      choices=OPTIMIZERS)
+  parser.add_argument("--tasks", nargs="+", choices=list(TASKS),
+                      help=f"default: {' '.join(DEFAULT_TASKS)} (--quick: mlp)")
+  parser.add_argument("--batch-sizes", nargs="+", type=int,
+                      help="default: each task's (128 1024; transformer: 32; --quick: the first)")
+  parser.add_argument("--optimizers", nargs="+", choices=OPTIMIZERS,
+                      help=f"default: {' '.join(DEFAULT_OPTIMIZERS)}, or the task's own "
+                      "(transformer: " + " ".join(TASK_OPTIMIZERS["transformer"]) + ")")
   parser.add_argument("--max-steps", type=int, default=600)
   parser.add_argument("--eval-every", type=int, default=10)
   parser.add_argument("--grid-seed", type=int, default=0)
@@ -488,43 +584,65 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--out", default=os.path.join("results", "convergence"))
   parser.add_argument("--quick", action="store_true", help="a smoke run: one task, few steps")
   args = parser.parse_args(argv)
+  if args.tasks is None:
+    args.tasks = ["mlp"] if args.quick else list(DEFAULT_TASKS)
   if args.quick:
-    args.tasks, args.batch_sizes, args.seeds = ["mlp"], [128], [1]
+    args.seeds = [1]
     args.max_steps, args.eval_every = 20, 5
-    for name, grid in GRIDS.items():
-      GRIDS[name] = {key: values[1:2] for key, values in grid.items()}
+    for grids in [GRIDS] + list(TASK_GRIDS.values()):
+      for name, grid in grids.items():
+        grids[name] = {key: values[1:2] or values[:1] for key, values in grid.items()}
   return args
+
+
+def batch_sizes(task_name: str, args) -> list[int]:
+  if args.batch_sizes is not None:
+    return list(args.batch_sizes)
+  sizes = list(TASKS[task_name].batch_sizes)
+  return sizes[:1] if args.quick else sizes
+
+
+def task_optimizers(task_name: str, args) -> list[str]:
+  """--optimizers, else the task's own list, else the default; kfac-jax only if installed."""
+  if args.optimizers is not None:
+    names = list(args.optimizers)
+  else:
+    names = list(TASK_OPTIMIZERS.get(task_name, DEFAULT_OPTIMIZERS))
+  return [name for name in names if name != "kfac-jax" or kfac_jax is not None]
 
 
 def main(argv=None):
   global FACTOR_EVERY, INVERSE_EVERY
   args = parse_args(argv)
   FACTOR_EVERY, INVERSE_EVERY = args.periods
-  optimizers = list(args.optimizers)
-  if "kfac-jax" in optimizers and kfac_jax is None:
+  wanted = set().union(*(
+      args.optimizers or TASK_OPTIMIZERS.get(task_name, DEFAULT_OPTIMIZERS)
+      for task_name in args.tasks))
+  if "kfac-jax" in wanted and kfac_jax is None:
     print("kfac-jax is not installed: skipping it (pip install kfac-jax==0.0.8 "
           "jax==0.9.1 jaxlib==0.9.1 flax==0.12.6 to compare)")
-    optimizers.remove("kfac-jax")
   os.makedirs(args.out, exist_ok=True)
   data = digits.load_data(0)
   print(f"jax {jax.__version__} on {jax.default_backend()}; kfac-jax "
         f"{getattr(kfac_jax, '__version__', 'not installed')}")
   all_results, tables = {}, []
-  for task_name, batch_size in itertools.product(args.tasks, args.batch_sizes):
-    results = benchmark_task(task_name, batch_size, optimizers, data, args)
-    all_results[f"{task_name} b{batch_size}"] = results
-    tables.append(task_table(task_name, batch_size, results))
-    print("\n" + tables[-1] + "\n", flush=True)
+  for task_name in args.tasks:
+    for batch_size in batch_sizes(task_name, args):
+      results = benchmark_task(task_name, batch_size, task_optimizers(task_name, args), data,
+                               args)
+      all_results[f"{task_name} b{batch_size}"] = results
+      tables.append(task_table(task_name, batch_size, results))
+      print("\n" + tables[-1] + "\n", flush=True)
 
   settings = (f"seeds {args.seeds} (grid on seed {args.grid_seed}), at most "
-              f"{args.max_steps} steps, loss on the whole training set every "
-              f"{args.eval_every} steps; K-FAC: factors every {FACTOR_EVERY}, "
+              f"{args.max_steps} steps, loss on the whole training set (transformer: the "
+              f"validation windows) every {args.eval_every} steps; K-FAC: factors every {FACTOR_EVERY}, "
               f"decompositions every {INVERSE_EVERY}, factor decay {FACTOR_DECAY}; jax {jax.__version__}, {jax.default_backend()}")
   with open(os.path.join(args.out, "convergence.md"), "w") as f:
     f.write(settings + "\n\n" + "\n\n".join(tables) + "\n")
   with open(os.path.join(args.out, "convergence.json"), "w") as f:
-    json.dump(digits.finite_or_none(dict(settings=settings, grids=GRIDS, results=all_results)),
-              f, indent=1)
+    json.dump(digits.finite_or_none(dict(settings=settings, grids=GRIDS, task_grids=TASK_GRIDS,
+                                         results=all_results)), f, indent=1)
   plot(all_results, os.path.join(args.out, "convergence.png"))
   print(f"wrote convergence.md, convergence.json and convergence.png to {args.out}")
 

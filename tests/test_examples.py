@@ -98,3 +98,40 @@ def test_convergence_benchmark_quick(tmp_path):
     if name != "kfac-jax":  # the peer may diverge at the smoke run's setting
       assert r["seeds"][0]["step"][-1] == 20, name
   assert (tmp_path / "convergence.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_nnx_mlp_trains():
+  out = run_script(os.path.join("examples", "nnx_mlp.py"), "--steps", "30")
+  # The registry table lists the three nnx.Linear layers.
+  for name, a_size, g_size in (("hidden1", 65, 128), ("hidden2", 129, 128), ("out", 129, 10)):
+    assert any(line.split() == [name, "dense", str(a_size), str(g_size)]
+               for line in out.splitlines()), out
+  for optimizer in ("kaisa + sgd", "adam"):
+    section = out.split(optimizer + ":")[1]
+    losses = [float(line.split()[-1]) for line in section.splitlines()
+              if "batch loss" in line]
+    assert losses and all(math.isfinite(l) for l in losses), out
+    assert losses[-1] < losses[0], out  # from about ln 10 = 2.3
+
+
+@pytest.mark.slow
+def test_transformer_quick(tmp_path):
+  run_script(os.path.join("examples", "transformer.py"), "--quick", "--out", str(tmp_path))
+  assert (tmp_path / "transformer.png").stat().st_size > 0
+  with open(tmp_path / "transformer.json") as f:
+    report = json.load(f)
+  optimizers = {"adamw", "kaisa + sgd", "kaisa + adamw"}
+  assert set(report["curves"]) == optimizers
+  assert {row["optimizer"] for row in report["summary"]} == optimizers
+  assert len(report["summary"]) == len(optimizers)
+  for name, curve in report["curves"].items():
+    assert curve["step"][-1] == 20, name
+    losses = curve["train_loss"] + curve["test_loss"] + curve["batch_loss"]
+    assert all(l is not None and math.isfinite(l) for l in losses), name
+    # the next-character cross-entropy starts near log(vocabulary) or above and falls
+    assert curve["test_loss"][-1] < curve["test_loss"][0], name
+  for row in report["summary"]:
+    assert math.isfinite(row["final_train_loss"]) and math.isfinite(row["final_test_loss"])
+  # the registry the run used is recorded, and K-FAC preconditioned some of it
+  assert report["config"]["registered"] and isinstance(report["config"]["skipped"], list)
