@@ -22,6 +22,8 @@ same batches:
 * ``kaisa/sampled``: ``kaisa/pe`` with the sampled Fisher
   (``value_and_grad(fisher="sampled")``, targets drawn from the model's
   softmax or unit Gaussian; on request);
+* ``kaisa/ekfac``: ``kaisa/pe`` with ``compute_method="ekfac"``
+  (eigenvalue-corrected K-FAC; on request);
 * ``kaisa/adamw``, ``kaisa/reduce-adamw``: ``kaisa/pe`` (weight sharing
   'expand', resp. 'reduce') chained before AdamW instead of SGD-momentum,
   without the KL clip (AdamW rescales every coordinate by its own second
@@ -49,6 +51,7 @@ Run from the repository root::
   python benchmarks/convergence.py --tasks mlp --batch-sizes 128
   python benchmarks/convergence.py --tasks tokens --optimizers adam kaisa/pe kaisa/reduce
   python benchmarks/convergence.py --optimizers adam sgd kaisa/pe kaisa/sampled
+  python benchmarks/convergence.py --tasks autoencoder mlp --optimizers adam kaisa/pe kaisa/ekfac
   python benchmarks/convergence.py --tasks transformer      # AdamW against K-FAC, ~13 min
   python benchmarks/convergence.py --quick         # a smoke run
 
@@ -164,6 +167,7 @@ GRIDS = {
     "kaisa/pe": _KFAC_GRID,
     "kaisa/reduce": _KFAC_GRID,
     "kaisa/sampled": _KFAC_GRID,
+    "kaisa/ekfac": _KFAC_GRID,
     "kfac-jax": dict(learning_rate=(0.03, 0.1, 0.3), damping=(1e-3, 1e-2, 1e-1)),
     # The transformer's: AdamW and K-FAC chained before it.
     "adamw": dict(learning_rate=(1e-3, 3e-3, 1e-2), weight_decay=(0.0, 0.1)),
@@ -173,7 +177,7 @@ GRIDS = {
 OPTIMIZERS = tuple(GRIDS)
 DEFAULT_OPTIMIZERS = tuple(
     name for name in OPTIMIZERS
-    if name not in ("kaisa/reduce", "kaisa/sampled", "adamw", "kaisa/adamw",
+    if name not in ("kaisa/reduce", "kaisa/sampled", "kaisa/ekfac", "adamw", "kaisa/adamw",
                     "kaisa/reduce-adamw"))
 FIRST_ORDER = ("adam", "sgd", "adamw")
 # A task's own optimizers, when --optimizers is not given, and its own grids
@@ -259,6 +263,7 @@ def optax_optimizer(name: str, layers) -> optax.GradientTransformation:
           kl_clip=None if then_adamw else 1e-3, factor_update_steps=FACTOR_EVERY,
           inv_update_steps=INVERSE_EVERY, g_factor_scaling=scaling,
           weight_sharing=weight_sharing,
+          compute_method="ekfac" if name == "kaisa/ekfac" else "eigen",
           # Layer kinds the library lists but cannot precondition: plain gradient.
           skip_layers=transformer.skipped_layers(layers))
   return optax.chain(kfac, adamw if then_adamw else sgd)
