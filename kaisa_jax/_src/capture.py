@@ -430,7 +430,11 @@ def find_layers(loss_fn: Callable[..., Any], params: Any, *args,
     A static, hashable ``LayerRegistry``; ``print`` shows a table of layer
     name, kind, A size and G size. A layer is named after the path of its
     kernel in ``params`` without the leaf, e.g. 'encoder/Dense_0'. A
-    ``flax.linen.Dense`` 64 -> 32 with bias has A size 65 and G size 32.
+    ``flax.linen.Dense`` 64 -> 32 with bias has A size 65 and G size 32;
+    blocks show as 'blocks x size' (a LayerNorm over 64 features: A
+    '64x2', G '64x1') and a diagonal as 'size (diag)' (an Embed's A). The
+    kinds: Dense, DenseGeneral, Einsum, Conv (grouped and depthwise too),
+    Embed, LayerNorm, RMSNorm, GroupNorm, BatchNorm, linen or NNX.
 
     Layers called inside ``nn.remat`` / ``nn.checkpoint`` / ``jax.checkpoint``
     are registered like the others (a linen layer is found in ``params`` by

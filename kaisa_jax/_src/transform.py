@@ -300,8 +300,9 @@ def kaisa(
       it estimates the per-example Fisher block and a damping value means
       the same at any batch size. Either way the result does not depend on
       the device count or on accumulation.
-    weight_sharing: how a Dense layer on inputs with extra axes, (batch,
-      *positions, in) such as tokens, enters its factors: 'expand' (the
+    weight_sharing: how a Dense, DenseGeneral or Einsum layer on inputs
+      with extra axes, (batch, *positions, in) such as tokens, enters its
+      factors: 'expand' (the
       reference: every position a row) or 'reduce' (one row per example:
       inputs averaged, output gradients summed over the positions; cheaper,
       Eschenhagen et al. 2023); or a mapping from layer-name regular
