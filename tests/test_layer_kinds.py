@@ -152,18 +152,20 @@ def test_dense_general_unsupported_configurations_are_listed():
 
     @nn.compact
     def __call__(self, x):
+      r = nn.DenseGeneral(2, axis=(-1, -2), name="reversed")(x)  # kernel (5, 4, 2)
       h = nn.DenseGeneral(3, axis=1, name="middle")(x)  # (B, 4, 5) -> (B, 5, 3)
-      return nn.DenseGeneral(2, batch_dims=(0,), axis=-1, name="batched")(h)
+      return nn.DenseGeneral(2, batch_dims=(0,), axis=-1, name="batched")(h), r
 
   x = jnp.ones((2, 4, 5))
   model = Net()
   params = random_params(model, x)
-  registry = kaisa_jax.find_layers(lambda p, x: jnp.sum(model.apply({"params": p}, x)),
-                                   params, x)
+  loss = lambda p, x: sum(jnp.sum(y) for y in model.apply({"params": p}, x))
+  registry = kaisa_jax.find_layers(loss, params, x)
   reasons = {s.name: s.reason for s in registry.skipped}
   assert "not the last" in reasons["middle"]
+  assert "increasing order" in reasons["reversed"]
   assert "batch_dims" in reasons["batched"]
-  with pytest.raises(ValueError, match="middle"):
+  with pytest.raises(ValueError, match="reversed|middle"):
     kaisa_jax.kaisa(registry)
 
 

@@ -580,10 +580,12 @@ def test_nnx_embed_and_norms_update_as_their_linen_twins():
       self.norm = nnx.LayerNorm(6, rngs=rngs)
       self.gn = nnx.GroupNorm(6, num_groups=2, rngs=rngs)
       self.rms = nnx.RMSNorm(6, rngs=rngs)
-      self.out = nnx.Linear(6, 3, rngs=rngs)
+      self.heads = nnx.LinearGeneral(6, (2, 4), rngs=rngs)
+      self.out = nnx.Linear(8, 3, rngs=rngs)
 
     def __call__(self, ids):
-      return self.out(self.rms(self.gn(self.norm(self.embed(ids)))))
+      h = self.heads(self.rms(self.gn(self.norm(self.embed(ids)))))
+      return self.out(h.reshape(h.shape[:-2] + (8,)))
 
   class LinenNet(nn.Module):
 
@@ -591,7 +593,8 @@ def test_nnx_embed_and_norms_update_as_their_linen_twins():
     def __call__(self, ids):
       h = nn.LayerNorm(name="norm")(nn.Embed(11, 6, name="embed")(ids))
       h = nn.RMSNorm(name="rms")(nn.GroupNorm(num_groups=2, name="gn")(h))
-      return nn.Dense(3, name="out")(h)
+      h = nn.DenseGeneral((2, 4), name="heads")(h)
+      return nn.Dense(3, name="out")(h.reshape(h.shape[:-2] + (8,)))
 
   graphdef, params = nnx.split(NnxNet(nnx.Rngs(0)))
   rng = np.random.default_rng(21)
@@ -616,7 +619,7 @@ def test_nnx_embed_and_norms_update_as_their_linen_twins():
     updates[name], _ = tx.update(grads, tx.init(p), p, captures=captures)
   assert tables["nnx"] == tables["linen"]
   assert [row[1] for row in tables["nnx"]] == [
-      "embed", "layer_norm", "group_norm", "rms_norm", "dense"]
+      "embed", "layer_norm", "group_norm", "rms_norm", "dense_general", "dense"]
   nnx_updates = nnx.to_pure_dict(updates["nnx"])
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
                nnx_updates, updates["linen"])

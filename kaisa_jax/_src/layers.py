@@ -332,7 +332,7 @@ class DenseGeneral(Dense):
   in_axes: tuple[int, ...] = (-1,)  # negative, increasing
 
   kind = "dense_general"
-  modules = (nn.DenseGeneral,)
+  modules = (nn.DenseGeneral, nnx.LinearGeneral)
 
   @property
   def in_features(self) -> int:
@@ -346,15 +346,19 @@ class DenseGeneral(Dense):
   def from_call(cls, module, name, kernel_path, bias_path, kernel_shape,
                 inputs, outputs, call_kwargs) -> "DenseGeneral":
     del outputs, call_kwargs
-    if module.batch_dims:
-      raise UnsupportedLayer(f"DenseGeneral with batch_dims={module.batch_dims}")
+    kind = type(module).__name__
+    # linen's batch_dims, NNX's batch_axis: kernels batched over input axes.
+    batched = getattr(module, "batch_dims", None) or getattr(module, "batch_axis", None)
+    if batched:
+      raise UnsupportedLayer(f"{kind} with batch_dims={batched}")
     axes = (module.axis,) if isinstance(module.axis, int) else tuple(module.axis)
-    in_axes = tuple(sorted(a % inputs.ndim - inputs.ndim for a in axes))
-    if in_axes[0] == -inputs.ndim:
-      raise UnsupportedLayer("DenseGeneral contracting the leading (batch) axis")
+    # The kernel's input dims follow the order of ``axis``.
+    in_axes = tuple(a % inputs.ndim - inputs.ndim for a in axes)
+    if min(in_axes) == -inputs.ndim:
+      raise UnsupportedLayer(f"{kind} contracting the leading (batch) axis")
     if in_axes != tuple(range(-len(in_axes), 0)):
       raise UnsupportedLayer(
-          f"DenseGeneral contracting axes {axes} that are not the last ones")
+          f"{kind} contracting axes {axes} that are not the last ones in increasing order")
     return cls(name, kernel_path, bias_path, tuple(kernel_shape), in_axes=in_axes)
 
   def _input_features(self, inputs: jax.Array) -> jax.Array:
@@ -960,7 +964,6 @@ _UNSUPPORTED_MODULES = (
     ((nnx.Einsum,), "nnx.Einsum is not supported yet (linen's Einsum is)"),
     ((nn.ConvTranspose, nnx.ConvTranspose), "transposed convolutions are not supported yet"),
     ((nn.ConvLocal,), "unshared (local) convolutions are not supported yet"),
-    ((nnx.LinearGeneral,), "nnx.LinearGeneral is not supported yet (linen's DenseGeneral is)"),
 )
 
 
