@@ -860,28 +860,18 @@ class LayerNorm(ScaleAndShift):
     del outputs
     cls._check_call(module, kernel_shape, inputs, call_kwargs)
     if _axes(module.feature_axes, inputs.ndim) != (inputs.ndim - 1,):
-      raise UnsupportedLayer(f"LayerNorm with feature_axes={module.feature_axes}")
+      raise UnsupportedLayer(
+          f"{type(module).__name__} with feature_axes={module.feature_axes}")
     axes = tuple(a - inputs.ndim for a in _axes(module.reduction_axes, inputs.ndim))
     return cls(name, kernel_path, bias_path, tuple(kernel_shape), epsilon=module.epsilon,
                reduction_axes=axes, use_fast_variance=module.use_fast_variance)
 
 
 @dataclasses.dataclass(frozen=True)
-class RMSNorm(ScaleAndShift):
+class RMSNorm(LayerNorm):
   """``flax.linen.RMSNorm``: ``x̂ = x / sqrt(mean(x²) + ε)``; scale only."""
   kind = "rms_norm"
   modules = (nn.RMSNorm, nnx.RMSNorm)
-
-  @classmethod
-  def from_call(cls, module, name, kernel_path, bias_path, kernel_shape,
-                inputs, outputs, call_kwargs) -> "RMSNorm":
-    del outputs
-    cls._check_call(module, kernel_shape, inputs, call_kwargs)
-    if _axes(module.feature_axes, inputs.ndim) != (inputs.ndim - 1,):
-      raise UnsupportedLayer(f"RMSNorm with feature_axes={module.feature_axes}")
-    axes = tuple(a - inputs.ndim for a in _axes(module.reduction_axes, inputs.ndim))
-    return cls(name, kernel_path, bias_path, tuple(kernel_shape), epsilon=module.epsilon,
-               reduction_axes=axes)
 
   def normalized(self, x):
     return x * lax.rsqrt(jnp.mean(x * x, self.reduction_axes, keepdims=True) + self.epsilon)
