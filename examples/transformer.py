@@ -233,13 +233,29 @@ class Block(nn.Module):
     return x + nn.Dense(self.d_model, name="mlp_out")(h)
 
 
+class ScanBlock(nn.Module):
+  """``Block`` with the (carry, x) -> (carry, y) signature ``nn.scan`` wants."""
+  d_model: int
+  heads: int
+
+  @nn.compact
+  def __call__(self, x, _):
+    return Block(self.d_model, self.heads, name="block")(x), None
+
+
 class Transformer(nn.Module):
-  """Characters in, next-character logits out: (batch, T) -> (batch, T, vocab)."""
+  """Characters in, next-character logits out: (batch, T) -> (batch, T, vocab).
+
+  With ``scan``, the blocks are one ``nn.scan`` over a Block whose parameters
+  are stacked (``blocks``, ...): traced and compiled once, and K-FAC gives
+  each slice its own Kronecker blocks, as it does the separate blocks.
+  """
   vocab: int
   d_model: int = D_MODEL
   heads: int = HEADS
   blocks: int = BLOCKS
   context: int = CONTEXT
+  scan: bool = False
 
   @nn.compact
   def __call__(self, tokens):
@@ -248,8 +264,13 @@ class Transformer(nn.Module):
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     x = (nn.Embed(self.vocab, self.d_model, name="embed")(tokens)
          + nn.Embed(self.context, self.d_model, name="position")(positions))
-    for i in range(self.blocks):
-      x = Block(self.d_model, self.heads, name=f"block{i}")(x)
+    if self.scan:
+      stack = nn.scan(ScanBlock, variable_axes={"params": 0}, split_rngs={"params": True},
+                      length=self.blocks)
+      x, _ = stack(self.d_model, self.heads, name="blocks")(x, None)
+    else:
+      for i in range(self.blocks):
+        x = Block(self.d_model, self.heads, name=f"block{i}")(x)
     x = nn.LayerNorm(name="ln_final")(x)
     return nn.Dense(self.vocab, name="head")(x)  # untied from the embedding
 

@@ -137,3 +137,54 @@ def np_damped_inverse(m, damping):
   """(M + γI)⁻¹ in float64."""
   m = np.asarray(m, np.float64)
   return np.linalg.inv(m + damping * np.eye(m.shape[0]))
+
+
+def _acts(name):
+  """(activation, its derivative as a function of the pre-activation), float64."""
+  if name == "tanh":
+    return np.tanh, lambda y: 1 - np.tanh(y) ** 2
+  return (lambda y: np.maximum(y, 0)), (lambda y: (y > 0).astype(np.float64))
+
+
+def np_chain(layers, x, t, acts, loss_scale):
+  """float64 forward and manual backprop of Dense layers with ``acts`` between them.
+
+  ``layers``: [(kernel (in, out), bias (out,)), ...]; the loss is
+  ``loss_scale * 0.5 * mean_n |z_n - t_n|²`` of the last layer's output z.
+  Returns (loss, [(kernel grad, bias grad)], [(layer input (B, in),
+  d loss / d layer output (B, out))]).
+  """
+  a = [np.asarray(x, np.float64)]
+  ys = []
+  for i, (w, b) in enumerate(layers):
+    ys.append(a[-1] @ np.asarray(w, np.float64) + np.asarray(b, np.float64))
+    if i < len(layers) - 1:
+      a.append(_acts(acts[i])[0](ys[-1]))
+  z, t = ys[-1], np.asarray(t, np.float64)
+  loss = loss_scale * 0.5 * np.mean(np.sum((z - t) ** 2, axis=-1))
+  dy = [None] * len(layers)
+  dy[-1] = loss_scale * (z - t) / z.shape[0]
+  for i in range(len(layers) - 1, 0, -1):
+    dy[i - 1] = (dy[i] @ np.asarray(layers[i][0], np.float64).T) * _acts(acts[i - 1])[1](ys[i - 1])
+  grads = [(a[i].T @ dy[i], dy[i].sum(0)) for i in range(len(layers))]
+  rows = [(a[i], dy[i]) for i in range(len(layers))]
+  return loss, grads, rows
+
+
+def scaled_mse(model, scale):
+  """``loss(params, x, t) = scale · ½ mean_n |model(x)_n − t_n|²`` of a linen model.
+
+  A mean loss puts 1/batch into every output gradient: ``scale`` keeps G from
+  being negligible next to the identity the factors start from.
+  """
+  def loss_fn(params, x, t):
+    z = model.apply({"params": params}, x)
+    return scale * 0.5 * jnp.mean(jnp.sum((z - t) ** 2, axis=-1))
+  return loss_fn
+
+
+def normal_batch(batch, in_features, out_features, seed=0):
+  """float32 inputs (batch, in_features) and targets (batch, out_features), N(0, 1)."""
+  rng = np.random.default_rng(seed)
+  return (rng.normal(size=(batch, in_features)).astype(np.float32),
+          rng.normal(size=(batch, out_features)).astype(np.float32))

@@ -1,13 +1,13 @@
-"""Layers called inside nested JAX transforms: nn.remat / jax.checkpoint, scan, vmap.
+"""Layers called inside nested JAX transforms: nn.remat / jax.checkpoint, loops, vmap.
 
 A call inside jax.checkpoint (nn.remat, nn.checkpoint) is captured exactly:
 its input comes back from the backward pass. Every numerical check is against
 a float64 NumPy forward pass and hand-written backprop in this file, or
 against ``jax.grad`` of the same loss written without remat; the captures
 under remat must also equal those of the same model without it. Calls that
-cannot be captured (loops, vmap, stacked parameters, Flax NNX copies) must be
-listed as skipped with their reason, not registered, and left out of the
-captures.
+cannot be captured (loops that bypass jax.lax.scan, vmap, Flax NNX copies)
+must be listed as skipped with their reason, not registered, and left out of
+the captures. Layers inside scans are tested in test_scanned.py.
 """
 
 import functools
@@ -23,58 +23,13 @@ from jax.sharding import Mesh, PartitionSpec as P
 from jax.tree_util import DictKey
 
 import kaisa_jax
-from oracles import assert_close, np_kron_solve, random_params
+from oracles import (assert_close, normal_batch, np_chain, np_kron_solve, random_params,
+                     scaled_mse)
 
 BATCH = 6
 # A mean loss puts 1/batch into every output gradient: scaled up so that G is
 # not negligible next to the identity the factors start from.
 LOSS_SCALE = 8.0
-
-
-def _acts(name):
-  """(activation, its derivative as a function of the pre-activation), float64."""
-  if name == "tanh":
-    return np.tanh, lambda y: 1 - np.tanh(y) ** 2
-  return (lambda y: np.maximum(y, 0)), (lambda y: (y > 0).astype(np.float64))
-
-
-def np_chain(layers, x, t, acts):
-  """float64 forward and manual backprop of Dense layers with ``acts`` between them.
-
-  ``layers``: [(kernel (in, out), bias (out,)), ...]; the loss is
-  ``LOSS_SCALE * 0.5 * mean_n |z_n - t_n|²`` of the last layer's output z.
-  Returns (loss, [(kernel grad, bias grad)], [(layer input (B, in),
-  d loss / d layer output (B, out))]).
-  """
-  a = [np.asarray(x, np.float64)]
-  ys = []
-  for i, (w, b) in enumerate(layers):
-    ys.append(a[-1] @ np.asarray(w, np.float64) + np.asarray(b, np.float64))
-    if i < len(layers) - 1:
-      a.append(_acts(acts[i])[0](ys[-1]))
-  z, t = ys[-1], np.asarray(t, np.float64)
-  loss = LOSS_SCALE * 0.5 * np.mean(np.sum((z - t) ** 2, axis=-1))
-  dy = [None] * len(layers)
-  dy[-1] = LOSS_SCALE * (z - t) / z.shape[0]
-  for i in range(len(layers) - 1, 0, -1):
-    dy[i - 1] = (dy[i] @ np.asarray(layers[i][0], np.float64).T) * _acts(acts[i - 1])[1](ys[i - 1])
-  grads = [(a[i].T @ dy[i], dy[i].sum(0)) for i in range(len(layers))]
-  rows = [(a[i], dy[i]) for i in range(len(layers))]
-  return loss, grads, rows
-
-
-def _mse(model):
-  def loss_fn(p, x, t):
-    z = model.apply({"params": p}, x)
-    return LOSS_SCALE * 0.5 * jnp.mean(jnp.sum((z - t) ** 2, axis=-1))
-  return loss_fn
-
-
-def _data(in_features, out_features, seed=0):
-  rng = np.random.default_rng(seed)
-  x = rng.normal(size=(BATCH, in_features)).astype(np.float32)
-  t = rng.normal(size=(BATCH, out_features)).astype(np.float32)
-  return x, t
 
 
 def _dense(params, *path):
@@ -119,9 +74,9 @@ class _RematDense(nn.Module):
 @pytest.mark.parametrize("jit", [False, True])
 def test_remat_dense_is_registered_and_captured_exactly(jit):
   model = _RematDense()
-  x, t = _data(3, 2)
+  x, t = normal_batch(BATCH, 3, 2)
   params = random_params(model, jnp.asarray(x), seed=1)
-  loss_fn = _mse(model)
+  loss_fn = scaled_mse(model, LOSS_SCALE)
 
   registry = kaisa_jax.find_layers(loss_fn, params, x, t)
   assert registry.names == ("h", "o")
@@ -134,7 +89,7 @@ def test_remat_dense_is_registered_and_captured_exactly(jit):
   vg = kaisa_jax.value_and_grad(loss_fn)
   loss, grads, captures = (jax.jit(vg) if jit else vg)(params, x, t)
   np_loss, np_grads, np_rows = np_chain([_dense(params, "h"), _dense(params, "o")], x, t,
-                                        ["tanh"])
+                                        ["tanh"], LOSS_SCALE)
   assert_close(loss, np_loss)
   assert set(captures) == {"h", "o"}
   _check_capture(captures["h"], [np_rows[0]])
@@ -143,7 +98,7 @@ def test_remat_dense_is_registered_and_captured_exactly(jit):
     assert_close(grads[name]["kernel"], dw)
     assert_close(grads[name]["bias"], db)
   # a_iᵀ g_i is the kernel gradient of the same loss written without remat.
-  plain = jax.grad(_mse(_RematDense(remat=False)))(params, x, t)
+  plain = jax.grad(scaled_mse(_RematDense(remat=False), LOSS_SCALE))(params, x, t)
   total = _sum_of_products(captures["h"])
   assert_close(total[:-1], plain["h"]["kernel"])
   assert_close(total[-1], plain["h"]["bias"])
@@ -187,27 +142,27 @@ _REMATS = {
 
 @pytest.mark.parametrize("remat", list(_REMATS))
 def test_remat_block_captures_equal_those_without_remat(remat):
-  x, t = _data(5, 2, seed=2)
+  x, t = normal_batch(BATCH, 5, 2, seed=2)
   wrap, inner_remat = _REMATS[remat]
   model = _BlockNet(wrap=wrap, inner_remat=inner_remat)
   params = random_params(_BlockNet(), jnp.asarray(x), seed=3)
-  loss_fn = _mse(model)
+  loss_fn = scaled_mse(model, LOSS_SCALE)
 
   registry = kaisa_jax.find_layers(loss_fn, params, x, t)
   assert registry.names == ("block/a", "block/b", "head")
   assert registry.skipped == ()
-  assert registry == kaisa_jax.find_layers(_mse(_BlockNet()), params, x, t)
+  assert registry == kaisa_jax.find_layers(scaled_mse(_BlockNet(), LOSS_SCALE), params, x, t)
 
   _, grads, captures = jax.jit(kaisa_jax.value_and_grad(loss_fn))(params, x, t)
   _, np_grads, np_rows = np_chain(
       [_dense(params, "block", "a"), _dense(params, "block", "b"), _dense(params, "head")],
-      x, t, ["tanh", "relu"])
+      x, t, ["tanh", "relu"], LOSS_SCALE)
   for name, rows, (dw, db) in zip(registry.names, np_rows, np_grads):
     _check_capture(captures[name], [rows])
     total = _sum_of_products(captures[name])
     assert_close(total[:-1], dw)
     assert_close(total[-1], db)
-  _, _, plain = jax.jit(kaisa_jax.value_and_grad(_mse(_BlockNet())))(params, x, t)
+  _, _, plain = jax.jit(kaisa_jax.value_and_grad(scaled_mse(_BlockNet(), LOSS_SCALE)))(params, x, t)
   for name in registry.names:
     for got, want in zip(captures[name].inputs + captures[name].out_grads,
                          plain[name].inputs + plain[name].out_grads):
@@ -241,16 +196,16 @@ class _OutsideThenInside(nn.Module):
 @pytest.mark.parametrize("model", [_RematTwice(), _OutsideThenInside()],
                          ids=["both_inside", "outside_then_inside"])
 def test_shared_module_called_twice_with_remat(model):
-  x, t = _data(3, 3, seed=4)
+  x, t = normal_batch(BATCH, 3, 3, seed=4)
   params = random_params(model, jnp.asarray(x), seed=5)
-  loss_fn = _mse(model)
+  loss_fn = scaled_mse(model, LOSS_SCALE)
   registry = kaisa_jax.find_layers(loss_fn, params, x, t)
   assert registry.names == ("d",)
   assert registry.skipped == ()
 
   _, grads, captures = jax.jit(kaisa_jax.value_and_grad(loss_fn))(params, x, t)
   d = _dense(params, "d")
-  _, (first, second), rows = np_chain([d, d], x, t, ["tanh"])
+  _, (first, second), rows = np_chain([d, d], x, t, ["tanh"], LOSS_SCALE)
   # The calls are captured separately, in call order, not summed.
   _check_capture(captures["d"], rows)
   assert_close(grads["d"]["kernel"], first[0] + second[0])
@@ -274,7 +229,7 @@ def test_remat_layers_of_two_applies_with_nested_params():
   # Two models with the same scope path ('CheckpointDense_0'), each applied
   # with its own subtree of params: two layers, each under its own prefix.
   enc, dec = _RematOne(), _RematOne()
-  x, t = _data(3, 3, seed=6)
+  x, t = normal_batch(BATCH, 3, 3, seed=6)
   params = {"enc": random_params(enc, jnp.asarray(x), seed=7),
             "dec": random_params(dec, jnp.asarray(x), seed=8)}
 
@@ -291,7 +246,7 @@ def test_remat_layers_of_two_applies_with_nested_params():
   _, _, captures = kaisa_jax.value_and_grad(loss_fn)(params, x, t)
   _, np_grads, np_rows = np_chain(
       [_dense(params, "enc", "CheckpointDense_0"), _dense(params, "dec", "CheckpointDense_0")],
-      x, t, ["tanh"])
+      x, t, ["tanh"], LOSS_SCALE)
   for name, rows, (dw, db) in zip(registry.names, np_rows, np_grads):
     _check_capture(captures[name], [rows])
     total = _sum_of_products(captures[name])
@@ -403,12 +358,12 @@ def test_sampled_fisher_through_remat():
 
 
 def test_kaisa_update_under_remat_matches_numpy_and_no_remat():
-  x, t = _data(3, 2, seed=14)
+  x, t = normal_batch(BATCH, 3, 2, seed=14)
   params = random_params(_RematDense(), jnp.asarray(x), seed=15)
   damping, decay = 0.05, 0.5
 
   def one_step(model):
-    loss_fn = _mse(model)
+    loss_fn = scaled_mse(model, LOSS_SCALE)
     registry = kaisa_jax.find_layers(loss_fn, params, x, t)
     tx = kaisa_jax.kaisa(registry, damping=damping, factor_decay=decay, kl_clip=None)
 
@@ -423,7 +378,8 @@ def test_kaisa_update_under_remat_matches_numpy_and_no_remat():
   updates = one_step(_RematDense())
   # float64: the factors start from I, the first step averages in the batch's
   # [a, 1]ᵀ[a, 1] / B and gᵀg / B; (G + γI)⁻¹ ∇ (A + γI)⁻¹ as a Kronecker solve.
-  _, np_grads, np_rows = np_chain([_dense(params, "h"), _dense(params, "o")], x, t, ["tanh"])
+  _, np_grads, np_rows = np_chain([_dense(params, "h"), _dense(params, "o")], x, t, ["tanh"],
+                                  LOSS_SCALE)
   for name, (a, g), (dw, db) in zip(("h", "o"), np_rows, np_grads):
     a1 = np.concatenate([a, np.ones((a.shape[0], 1))], axis=1)
     factor_a = decay * np.eye(a1.shape[1]) + (1 - decay) * a1.T @ a1 / a1.shape[0]
@@ -452,7 +408,7 @@ class _NnxMLP(nnx.Module):
 
 
 def test_jax_checkpoint_made_inside_the_loss_is_captured():
-  x, t = _data(3, 2, seed=16)
+  x, t = normal_batch(BATCH, 3, 2, seed=16)
   plain = _RematDense(remat=False)
   params = random_params(plain, jnp.asarray(x), seed=17)
   graphdef, state = nnx.split(_NnxMLP(nnx.Rngs(0)))
@@ -472,7 +428,8 @@ def test_jax_checkpoint_made_inside_the_loss_is_captured():
     assert registry.names == ("h", "o")
     assert registry.skipped == ()
     _, _, captures = jax.jit(kaisa_jax.value_and_grad(loss_fn))(p, x, t)
-    _, _, np_rows = np_chain([_dense(pure, "h"), _dense(pure, "o")], x, t, ["tanh"])
+    _, _, np_rows = np_chain([_dense(pure, "h"), _dense(pure, "o")], x, t, ["tanh"],
+                             LOSS_SCALE)
     _check_capture(captures["h"], [np_rows[0]])
     _check_capture(captures["o"], [np_rows[1]])
 
@@ -481,7 +438,7 @@ def test_jax_checkpoint_of_a_function_traced_before_is_refused():
   # jax.checkpoint(f) reuses f's trace for the same shapes: the second trace
   # of the loss would not run the layer at all.
   model = nn.Dense(3)
-  x, t = _data(3, 3, seed=18)
+  x, t = normal_batch(BATCH, 3, 3, seed=18)
   params = random_params(model, jnp.asarray(x))
 
   def apply(p, x):
@@ -497,27 +454,13 @@ def test_jax_checkpoint_of_a_function_traced_before_is_refused():
 # Calls that cannot be captured: listed as skipped, never registered
 
 
-class _ScanBody(nn.Module):
-
-  @nn.compact
-  def __call__(self, carry, _):
-    return jnp.tanh(nn.Dense(3, name="d")(carry)), None
-
-
 class _Lifted(nn.Module):
   """A lifted transform around a Dense 3 -> 3 (named 'inner'), then head: Dense 2."""
   how: str
 
   @nn.compact
   def __call__(self, x):
-    body = nn.remat(_ScanBody) if self.how.endswith("_remat") else _ScanBody
-    if self.how.startswith("scan_broadcast"):
-      x, _ = nn.scan(body, variable_broadcast="params", split_rngs={"params": False},
-                     length=2)(name="inner")(x, None)
-    elif self.how.startswith("scan_stacked"):
-      x, _ = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True},
-                     length=2)(name="inner")(x, None)
-    elif self.how == "vmap_broadcast":
+    if self.how == "vmap_broadcast":
       x = nn.vmap(nn.Dense, variable_axes={"params": None}, split_rngs={"params": False})(
           3, name="inner")(x)
     elif self.how == "jit":
@@ -526,13 +469,9 @@ class _Lifted(nn.Module):
 
 
 _LOOP = "called inside a loop"
-_STACKED = "stacked parameters"
 _VMAP = "called inside vmap"
 _LIFTED_CASES = {
     # how: (skipped name, words of the reason)
-    "scan_broadcast": ("inner/d", _LOOP),
-    "scan_broadcast_remat": ("inner/d", _LOOP),
-    "scan_stacked": ("inner/d", _STACKED),
     "vmap_broadcast": ("inner", _VMAP),
     "jit": ("inner", "other than jax.checkpoint (jit)"),
 }
@@ -559,13 +498,13 @@ def _check_skipped_layer(loss_fn, params, args, skipped_name, reason_words, modu
 @pytest.mark.parametrize("how", list(_LIFTED_CASES))
 def test_layer_inside_a_repeating_transform_is_skipped(how):
   model = _Lifted(how)
-  x, t = _data(3, 2, seed=19)
+  x, t = normal_batch(BATCH, 3, 2, seed=19)
   params = model.init(jax.random.key(0), jnp.asarray(x))["params"]
   name, words = _LIFTED_CASES[how]
   registry, grads, captures = _check_skipped_layer(
-      _mse(model), params, (x, t), name, words, "Dense")
+      scaled_mse(model, LOSS_SCALE), params, (x, t), name, words, "Dense")
   assert registry.names == ("head",)
-  if how == "scan_broadcast":
+  if how == "vmap_broadcast":
     # Named in skip_layers, the layer's leaves pass through kaisa unchanged.
     tx = kaisa_jax.kaisa(registry, skip_layers=(name,), kl_clip=None)
     updates, _ = jax.jit(tx.update)(grads, tx.init(params), params, captures=captures)
@@ -584,7 +523,7 @@ class _Head(nn.Module):
 @pytest.mark.parametrize("transform", ["fori_loop", "vmap"])
 def test_apply_inside_a_jax_loop_or_vmap_in_the_loss_is_skipped(transform):
   body, head = nn.Dense(3), _Head()
-  x, t = _data(3, 2, seed=20)
+  x, t = normal_batch(BATCH, 3, 2, seed=20)
   params = {"body": random_params(body, jnp.asarray(x), seed=21),
             "head": random_params(head, jnp.asarray(x), seed=22)}
 
@@ -603,8 +542,8 @@ def test_apply_inside_a_jax_loop_or_vmap_in_the_loss_is_skipped(transform):
 
 
 def test_layer_called_directly_and_in_a_scan_is_not_registered():
-  # Its direct call could be captured, its scanned ones not: the factors
-  # would miss rows, so the layer is skipped altogether.
+  # Its captures would mix (B, ...) calls and (length, B, ...) iterations:
+  # the layer is skipped altogether.
   class Mixed(nn.Module):
 
     @nn.compact
@@ -615,9 +554,10 @@ def test_layer_called_directly_and_in_a_scan_is_not_registered():
       return nn.Dense(2, name="head")(x)
 
   model = Mixed()
-  x, t = _data(3, 2, seed=23)
+  x, t = normal_batch(BATCH, 3, 2, seed=23)
   params = model.init(jax.random.key(0), jnp.asarray(x))["params"]
-  _check_skipped_layer(_mse(model), params, (x, t), "d", _LOOP, "Dense")
+  _check_skipped_layer(scaled_mse(model, LOSS_SCALE), params, (x, t), "d",
+                       "both inside and outside a scan", "Dense")
 
 
 class _NnxRemat(nnx.Module):
@@ -646,11 +586,11 @@ class _NnxScan(nnx.Module):
 
 @pytest.mark.parametrize("module, name, words", [
     (_NnxRemat, "Linear_3x4", "copy of its parameters"),
-    (_NnxScan, "Linear_3x3", _LOOP),
+    (_NnxScan, "Linear_3x3", "copy of its parameters"),
 ], ids=["nnx_remat", "nnx_scan"])
 def test_nnx_layer_inside_a_transform_is_skipped(module, name, words):
   graphdef, state = nnx.split(module(nnx.Rngs(0)))
-  x, t = _data(3, 2, seed=24)
+  x, t = normal_batch(BATCH, 3, 2, seed=24)
 
   def loss_fn(p, x, t):
     return jnp.mean((nnx.merge(graphdef, p)(x) - t) ** 2)
@@ -672,10 +612,10 @@ def test_nnx_layer_inside_a_transform_is_skipped(module, name, words):
 @pytest.mark.slow
 def test_remat_captures_under_shard_map_are_each_devices_own():
   num_devices = 2
-  x, t = _data(3, 2, seed=25)
+  x, t = normal_batch(BATCH, 3, 2, seed=25)
   x, t = np.concatenate([x, x[::-1] * 0.5]), np.concatenate([t, t[::-1]])
   params = random_params(_RematDense(), jnp.asarray(x), seed=26)
-  vg = kaisa_jax.value_and_grad(_mse(_RematDense()))
+  vg = kaisa_jax.value_and_grad(scaled_mse(_RematDense(), LOSS_SCALE))
   mesh = Mesh(np.array(jax.devices()[:num_devices]), ("data",))
   run = jax.jit(jax.shard_map(lambda p, x, t: vg(p, x, t)[2], mesh=mesh,
                               in_specs=(P(), P("data"), P("data")), out_specs=P("data")))
@@ -683,7 +623,8 @@ def test_remat_captures_under_shard_map_are_each_devices_own():
   half = len(x) // num_devices
   for d in range(num_devices):
     sl = slice(d * half, (d + 1) * half)
-    _, _, rows = np_chain([_dense(params, "h"), _dense(params, "o")], x[sl], t[sl], ["tanh"])
+    _, _, rows = np_chain([_dense(params, "h"), _dense(params, "o")], x[sl], t[sl], ["tanh"],
+                          LOSS_SCALE)
     for name, (a, g) in zip(("h", "o"), rows):
       assert_close(captures[name].inputs[0][sl], a)
       assert_close(captures[name].out_grads[0][sl], g)

@@ -59,8 +59,31 @@ class KindsNet(nn.Module):
     return nn.Dense(3)(h)
 
 
+class _ScanBlock(nn.Module):
+
+  @nn.compact
+  def __call__(self, h, _):
+    return jnp.tanh(nn.Dense(6)(nn.LayerNorm()(h))), None
+
+
+class ScanNet(nn.Module):
+  """Layers inside nn.scan: three stacked blocks (LayerNorm, Dense), then a shared cell."""
+
+  @nn.compact
+  def __call__(self, x):
+    h = jnp.tanh(nn.Conv(3, (3, 3), padding="SAME")(x)).reshape(x.shape[0], -1)
+    h = nn.Dense(6)(h)
+    h, _ = nn.scan(_ScanBlock, variable_axes={"params": 0}, split_rngs={"params": True},
+                   length=3)(name="blocks")(h, None)
+    cell = lambda module, h, _: (jnp.tanh(nn.Dense(6, name="cell")(h)), None)
+    h, _ = nn.scan(cell, variable_broadcast="params", split_rngs={"params": False},
+                   length=2)(self, h, None)
+    return nn.Dense(3)(h)
+
+
 MODEL = Net()
 KINDS_MODEL = KindsNet()
+SCAN_MODEL = ScanNet()
 
 
 def make_loss(model):
@@ -232,6 +255,26 @@ def test_every_factor_storage_matches_single_device(kinds_layers, method, num_de
   else:
     actual = run_shard_map(kinds_layers, method, num_devices, frac, check_vma=False,
                            model=KINDS_MODEL)
+  assert_trajectories_close(actual, expected)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method, num_devices, frac, mapped", [
+    ("eigen", 4, 1 / 2, "shard_map"), ("inverse", 8, 1 / 8, "pmap")])
+def test_scanned_layers_match_single_device(method, num_devices, frac, mapped):
+  # Stacked layers are one layer of several blocks, placed and sent whole.
+  x, y = next(batches())
+  layers = kaisa_jax.find_layers(make_loss(SCAN_MODEL), initial_params(SCAN_MODEL), x, y)
+  assert not layers.skipped
+  assert {l.name: l.kind for l in layers if "scan" in l.kind} == {
+      "blocks/LayerNorm_0": "layer_norm (scan, 3 stacked)",
+      "blocks/Dense_0": "dense (scan, 3 stacked)", "cell": "dense (scan)"}
+  expected = run_single(layers, method, model=SCAN_MODEL)
+  if mapped == "pmap":
+    actual = run_pmap(layers, method, num_devices, frac, model=SCAN_MODEL)
+  else:
+    actual = run_shard_map(layers, method, num_devices, frac, check_vma=False,
+                           model=SCAN_MODEL)
   assert_trajectories_close(actual, expected)
 
 

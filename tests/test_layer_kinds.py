@@ -427,7 +427,9 @@ def test_norm_unsupported_configurations_are_listed():
     def __call__(self, x):
       x = nn.LayerNorm(use_scale=False, name="no_scale")(x)
       x = nn.LayerNorm(feature_axes=(-2, -1), reduction_axes=(-2, -1), name="two_features")(x)
-      return nn.BatchNorm(use_running_average=True, name="eval_bn")(x)
+      x = nn.BatchNorm(use_running_average=True, name="eval_bn")(x)
+      # Evaluation mode asked for at call time, positionally.
+      return nn.BatchNorm(name="eval_bn_call")(x, True)
 
   x = jnp.ones((2, 3, 4))
   model = Net()
@@ -440,3 +442,4 @@ def test_norm_unsupported_configurations_are_listed():
   assert "no 'scale' parameter" in reasons["no_scale"]
   assert "only one feature axis" in reasons["two_features"]
   assert "evaluation mode" in reasons["eval_bn"]
+  assert "evaluation mode" in reasons["eval_bn_call"]

@@ -570,7 +570,7 @@ def test_other_public_methods_are_intercepted_by_name():
   assert nnx.Embed.__dict__["attend"] is original
 
 
-def test_nnx_embed_and_norms_update_as_their_linen_twins():
+def test_nnx_embed_norms_and_einsum_update_as_their_linen_twins():
   # The linen kinds are checked against float64 NumPy in test_layer_kinds.py;
   # the NNX classes must give the same registry and the same update.
   class NnxNet(nnx.Module):
@@ -581,11 +581,12 @@ def test_nnx_embed_and_norms_update_as_their_linen_twins():
       self.gn = nnx.GroupNorm(6, num_groups=2, rngs=rngs)
       self.rms = nnx.RMSNorm(6, rngs=rngs)
       self.heads = nnx.LinearGeneral(6, (2, 4), rngs=rngs)
-      self.out = nnx.Linear(8, 3, rngs=rngs)
+      self.mix = nnx.Einsum("bthk,hkf->btf", (2, 4, 5), (5,), rngs=rngs)
+      self.out = nnx.Linear(5, 3, rngs=rngs)
 
     def __call__(self, ids):
       h = self.heads(self.rms(self.gn(self.norm(self.embed(ids)))))
-      return self.out(h.reshape(h.shape[:-2] + (8,)))
+      return self.out(self.mix(h))
 
   class LinenNet(nn.Module):
 
@@ -594,7 +595,9 @@ def test_nnx_embed_and_norms_update_as_their_linen_twins():
       h = nn.LayerNorm(name="norm")(nn.Embed(11, 6, name="embed")(ids))
       h = nn.RMSNorm(name="rms")(nn.GroupNorm(num_groups=2, name="gn")(h))
       h = nn.DenseGeneral((2, 4), name="heads")(h)
-      return nn.Dense(3, name="out")(h.reshape(h.shape[:-2] + (8,)))
+      # The equation given at call time, positionally.
+      h = nn.Einsum((2, 4, 5), name="mix")(h, "bthk,hkf->btf")
+      return nn.Dense(3, name="out")(h)
 
   graphdef, params = nnx.split(NnxNet(nnx.Rngs(0)))
   rng = np.random.default_rng(21)
@@ -619,10 +622,35 @@ def test_nnx_embed_and_norms_update_as_their_linen_twins():
     updates[name], _ = tx.update(grads, tx.init(p), p, captures=captures)
   assert tables["nnx"] == tables["linen"]
   assert [row[1] for row in tables["nnx"]] == [
-      "embed", "layer_norm", "group_norm", "rms_norm", "dense_general", "dense"]
+      "embed", "layer_norm", "group_norm", "rms_norm", "dense_general", "einsum", "dense"]
   nnx_updates = nnx.to_pure_dict(updates["nnx"])
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
                nnx_updates, updates["linen"])
   # Preconditioned, not the plain gradient.
   _, grads, _ = kaisa_jax.value_and_grad(losses["linen"][0])(pure, ids, t)
   assert not np.allclose(updates["linen"]["norm"]["scale"], grads["norm"]["scale"])
+
+
+def test_nnx_einsum_configurations_we_cannot_read_are_skipped():
+  class Net(nnx.Module):
+
+    def __init__(self, rngs):
+      # A bias laid out otherwise than the output features (2, 3), and a
+      # product that is not jnp.einsum.
+      self.flat_bias = nnx.Einsum("bd,dhk->bhk", (4, 2, 3), (6,), rngs=rngs)
+      self.custom_op = nnx.Einsum("bd,de->be", (4, 4), (4,), rngs=rngs,
+                                  einsum_op=lambda *a, **k: 2 * jnp.einsum(*a, **k))
+      self.out = nnx.Linear(4, 2, rngs=rngs)
+
+    def __call__(self, x):
+      h = self.flat_bias(x).reshape(x.shape[0], -1)[:, :4]
+      return self.out(self.custom_op(h))
+
+  graphdef, params = nnx.split(Net(nnx.Rngs(0)))
+  x = jnp.ones((3, 4))
+  loss = lambda p, x: jnp.sum(nnx.merge(graphdef, p)(x) ** 2)
+  registry = kaisa_jax.find_layers(loss, params, x)
+  reasons = {s.name: s.reason for s in registry.skipped}
+  assert registry.names == ("out",)
+  assert "bias_shape (6,)" in reasons["flat_bias"]
+  assert "custom einsum_op" in reasons["custom_op"]

@@ -12,16 +12,18 @@ are values of the checkpoint's own trace, which must not be kept. Their
 inputs come back through the differentiation instead: an identity with a
 custom VJP on the layer output hands the layer input to the backward pass,
 which returns it as the gradient of a zero "input probe" closed over from
-the loss's trace. Calls inside a transform that runs its body several times
-or batched (``scan``, loops, ``vmap``) cannot be told apart by one probe:
-their layers are listed as skipped, with the reason.
+the loss's trace. A scan runs its body several times: each scan is given
+stacked probes to scan over, one slice per iteration (``loops.py``). Calls
+inside other loops and ``vmap`` cannot be told apart by one probe: their
+layers are listed as skipped, with the reason.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
-from typing import Any, Callable, NamedTuple
+import inspect
+from typing import Any, Callable, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
@@ -35,15 +37,19 @@ import numpy as np
 from kaisa_jax._src import collectives
 from kaisa_jax._src import fisher as fisher_lib
 from kaisa_jax._src import layers as layers_lib
+from kaisa_jax._src import loops
 from kaisa_jax._src import nnx_capture
+from kaisa_jax._src import scanned
 
 
 class LayerCapture(NamedTuple):
   """What one layer saw in one loss evaluation, one entry per call.
 
   Attributes:
-    inputs: per call, the layer input, e.g. (batch, in) for Dense.
-    out_grads: per call, d loss / d output, same shape as the layer output.
+    inputs: per call, the layer input, e.g. (batch, in) for Dense; for a
+      call inside a scan, every iteration's, (length, batch, in).
+    out_grads: per call, d loss / d output, same shape as the layer output
+      (with the iterations first inside a scan).
   """
   inputs: tuple
   out_grads: tuple
@@ -71,6 +77,9 @@ class _ParamIndex:
   def path_of(self, leaf):
     """The key path of ``leaf`` (by identity) in params, or None."""
     return self._by_id.get(id(leaf))
+
+  def leaf(self, path):
+    return self._by_path[path]
 
   def _scope_paths(self, module: nn.Module, name: str, prefixes):
     """(path, leaf) at each prefix + the module's scope path + name that exists."""
@@ -114,24 +123,41 @@ class _ParamIndex:
       return None
     return _layer_name(kernel_path), kernel_path, bias_path, kernel
 
-  def stacked_path(self, module: nn.Module, prefixes):
-    """The kernel's path when params holds it with one more axis, else None.
+  def stacked(self, module: nn.Module, prefixes, length: Optional[int]) -> list:
+    """Where params holds the module's parameters with one more, stacking axis.
 
-    That is a layer inside ``nn.scan`` or ``nn.vmap`` with
-    ``variable_axes={'params': axis}``: each iteration or mapped element
-    applies its own slice of the leaf.
+    That is a layer inside ``nn.scan`` (or ``nn.vmap``) with
+    ``variable_axes={'params': axis}``: iteration t applies slice t of each
+    leaf. Returns every candidate (kernel_path, bias_path, axis) whose
+    kernel (and bias) leaf is the module's with ``length`` slices inserted at
+    ``axis`` (any length when None): one for an unambiguous layer.
     """
     kind = layers_lib.kind_of(module)
     kernel = _module_param(module, kind.kernel_param)
+    bias = _module_param(module, kind.bias_param)
     if kernel is None:
-      return None
-    shape = tuple(kernel.shape)
-    for path, leaf in self._scope_paths(module, kind.kernel_param, prefixes):
-      full = tuple(leaf.shape)
-      if len(full) == len(shape) + 1 and any(
-          full[:i] + full[i + 1:] == shape for i in range(len(full))):
-        return path
-    return None
+      return []
+    candidates = []
+    for kernel_path, leaf in self._scope_paths(module, kind.kernel_param, prefixes):
+      for axis in _stacking_axes(leaf.shape, kernel.shape, length):
+        if bias is None:
+          candidates.append((kernel_path, None, axis))
+          continue
+        candidates += [(kernel_path, bias_path, axis)
+                       for bias_path, bias_leaf in self._scope_paths(
+                           module, kind.bias_param, prefixes)
+                       if axis in _stacking_axes(bias_leaf.shape, bias.shape, length)]
+    return candidates
+
+
+def _stacking_axes(stacked_shape, shape, length: Optional[int]) -> list[int]:
+  """The axes i such that ``stacked_shape`` is ``shape`` with ``length`` inserted at i."""
+  stacked_shape, shape = tuple(stacked_shape), tuple(shape)
+  if len(stacked_shape) != len(shape) + 1:
+    return []
+  return [i for i in range(len(stacked_shape))
+          if stacked_shape[:i] + stacked_shape[i + 1:] == shape
+          and (length is None or stacked_shape[i] == length)]
 
 
 def _layer_name(kernel_path) -> str:
@@ -170,7 +196,7 @@ def _intercept_layers(interceptor, loss_trace: "_LossTrace"):
   each call is nested in.
   """
   with nn.intercept_methods(loss_trace.track), nn.intercept_methods(interceptor), \
-       nnx_capture.intercept_methods(interceptor):
+       nnx_capture.intercept_methods(interceptor), loss_trace.hook.installed():
     yield
 
 
@@ -178,6 +204,27 @@ def _call_input(args, kwargs):
   if args:
     return args[0]
   return kwargs["inputs"]
+
+
+def _call_arguments(module, args, kwargs) -> dict:
+  """The call's arguments after the input, by name, positional ones included.
+
+  A kind reads its call's options (``mask``, ``use_running_average``,
+  ``einsum_str``) from them, however they were passed.
+  """
+  try:
+    bound = inspect.signature(type(module).__call__).bind(module, *args, **kwargs)
+  except (TypeError, ValueError):  # no readable signature: the keywords alone
+    return dict(kwargs)
+  named = list(bound.arguments.items())[2:]  # after self and the input
+  arguments = {}
+  for name, value in named:
+    kind = bound.signature.parameters[name].kind
+    if kind == inspect.Parameter.VAR_KEYWORD:
+      arguments.update(value)
+    elif kind != inspect.Parameter.VAR_POSITIONAL:
+      arguments[name] = value
+  return arguments
 
 
 def _unsupported_call(context):
@@ -213,23 +260,32 @@ _LOOPS = ("scan", "fori_loop", "while_body", "while_cond")
 _MAX_EXACT_IDS = 2**24
 
 _STACKED_REASON = (
-    "called inside nn.scan or nn.vmap with stacked parameters (variable_axes="
-    "{'params': ...}): one K-FAC block per slice of the kernel is not supported")
+    "called inside nn.vmap with stacked parameters (variable_axes={'params': ...}): "
+    "one K-FAC block per mapped slice of the kernel is not supported")
 _LOOP_REASON = (
-    "called inside a loop (nn.scan, nnx.scan, lax.scan, fori_loop, while_loop): "
-    "one call per iteration, which a single probe cannot tell apart")
+    "called inside a loop that does not call jax.lax.scan (fori_loop, while_loop, "
+    "a scan imported by name): one call per iteration, which a single probe "
+    "cannot tell apart")
+_NESTED_LOOPS_REASON = (
+    "called inside a scan inside a scan: only layers of one scan level are captured")
+_MIXED_REASON = (
+    "called both inside and outside a scan (or with differently stacked "
+    "parameters): its captures would not have one layout")
+_AMBIGUOUS_STACK_REASON = (
+    "called inside a scan with stacked parameters whose stacking axis is "
+    "ambiguous (the scan length equals another dimension of the kernel)")
 _VMAP_REASON = (
     "called inside vmap (nn.vmap, nnx.vmap, jax.vmap): one call per mapped "
     "element, which a single probe cannot tell apart")
 _NNX_COPY_REASON = (
-    "called inside a JAX transform (nnx.remat / jax.checkpoint) that hands "
-    "the layer a copy of its parameters (Flax NNX), which cannot be matched "
-    "to a leaf of params")
+    "called inside a JAX transform (nnx.remat, nnx.scan) that hands the layer "
+    "a copy of its parameters (Flax NNX), which cannot be matched to a leaf of "
+    "params")
 _UNMATCHED_REASON = (
-    "called inside jax.checkpoint (nn.remat), and its kernel is not at its "
-    "scope path in params")
+    "called inside jax.checkpoint (nn.remat) or a scan, and its kernel is not "
+    "at its scope path in params, whole or stacked")
 _IDS_REASON = (
-    "called inside jax.checkpoint with integer inputs that a float32 gradient "
+    "called inside jax.checkpoint or a scan with integer inputs that a float32 gradient "
     "cannot give back exactly (only 16-bit integers, or the ids of an embedding "
     "table of at most 2**24 rows)")
 
@@ -241,15 +297,20 @@ def _trace_label(trace) -> str:
   if traced_for:
     return str(traced_for)
   kind = type(trace).__name__
-  # nn.scan traces its body once by partial evaluation before the scan.
-  return {"BatchTrace": "vmap", "JaxprTrace": "partial evaluation"}.get(kind, kind)
+  return {"BatchTrace": "vmap", "JaxprTrace": _PARTIAL_EVAL}.get(kind, kind)
+
+
+# nn.scan traces its body once by partial evaluation before the scan, to
+# check which outputs are loop invariants, and drops the layer outputs of
+# that trace: calls under it are ignored when the layer has other calls.
+_PARTIAL_EVAL = "partial evaluation"
 
 
 def _nested_reason(labels) -> tuple[str, bool]:
   """(why a call nested in these transforms is skipped, whether that is final).
 
-  A reason naming no known transform (e.g. nn.scan's partial evaluation of
-  its body) is not final: a later, more precise one replaces it.
+  A reason naming no known transform is not final: a later, more precise
+  one replaces it.
   """
   if labels is None:
     return "called inside a JAX transform the capture cannot see through", False
@@ -270,14 +331,31 @@ class _Site(NamedTuple):
     located: (name, kernel_path, bias_path, kernel), or None.
     how: 'direct' (in the loss's own trace: the input is recorded),
       'checkpoint' (inside jax.checkpoint only: the input comes back as the
-      gradient of an input probe) or 'skip'.
-    reason: why 'skip'; ``final`` False when a later reason may replace it.
+      gradient of an input probe), 'scan' (inside one scan, and maybe
+      jax.checkpoint: probes and input come per iteration, stacked), 'skip',
+      or 'ignore' (nn.scan's look-ahead trace, whose outputs are dropped).
+    reason: why 'skip' or 'ignore'; ``final`` False when a later reason may
+      replace it.
+    frame: the ``loops.Frame`` of a 'scan' call.
+    stacked_axis: for a 'scan' call, the axis of the kernel leaf indexing
+      the iterations, or None when they share the kernel.
+    emit: a 'scan' call whose scan runs in the loss's own trace (no
+      jax.checkpoint around or inside it): its input leaves the scan as an
+      extra output, cheaper than through the backward pass.
   """
   name: str
   located: Any
   how: str
   reason: Any = None
   final: bool = True
+  frame: Any = None
+  stacked_axis: Optional[int] = None
+  emit: bool = False
+
+  @property
+  def mode(self) -> tuple:
+    """How the call's capture is laid out: the same for every call of a layer."""
+    return ("scan", self.stacked_axis) if self.how == "scan" else ("call",)
 
 
 class _LossTrace:
@@ -290,8 +368,9 @@ class _LossTrace:
   ``apply``'s parameters sit.
   """
 
-  def __init__(self, params):
+  def __init__(self, params, probes_for=None):
     self.index = _ParamIndex(params)
+    self.hook = loops.ScanHook(probes_for)
     self.trace = jax_core.trace_ctx.trace
     self._enclosing: list = []  # linen modules called in the loss's trace, innermost last
     self._prefixes: dict = {}  # id(root scope) -> (root scope, prefix or None)
@@ -299,17 +378,18 @@ class _LossTrace:
   def transforms(self):
     """The transforms between the loss's trace and this call's, innermost first.
 
-    () in the loss's own trace; None when the loss's trace is not among
-    the current trace's ancestors.
+    (label, frame) pairs, the frame being the ``loops.Frame`` of a scan
+    body the hook saw (else None); () in the loss's own trace; None when
+    the loss's trace is not among the current trace's ancestors.
     """
-    labels = []
+    chain = []
     trace = jax_core.trace_ctx.trace
     while trace is not self.trace:
       if trace is None:
         return None
-      labels.append(_trace_label(trace))
+      chain.append((_trace_label(trace), self.hook.frame_of(trace)))
       trace = getattr(trace, "parent_trace", None)
-    return tuple(labels)
+    return tuple(chain)
 
   def track(self, next_fun, args, kwargs, context):
     module = context.module
@@ -345,25 +425,57 @@ class _LossTrace:
 
   def site(self, module, inputs) -> _Site:
     """Where the layer call of ``module`` on ``inputs`` sits."""
-    labels = self.transforms()
-    if labels == ():
+    chain = self.transforms()
+    if chain == ():
       located = self.index.locate(module)
       return _Site(_scope_name(module) if located is None else located[0], located, "direct")
     prefixes = self._apply_prefixes()
     located = self.index.locate(module, prefixes)
-    if labels is not None and all(label == _CHECKPOINT for label in labels):
+    name = _scope_name(module) if located is None else located[0]
+    if chain is None:
+      return _Site(name, located, "skip", *_nested_reason(None))
+    labels = tuple(label for label, _ in chain)
+    if _PARTIAL_EVAL in labels:
+      return _Site(name, located, "ignore", _nested_reason(labels)[0], False)
+    frames = [frame for _, frame in chain if frame is not None]
+    others = [label for label, frame in chain if frame is None and label != _CHECKPOINT]
+    if not others and len(frames) > 1:
+      return _Site(name, located, "skip", _NESTED_LOOPS_REASON)
+    if not others and len(frames) == 1:
+      return self._scan_site(module, inputs, located, prefixes, frames[0], len(chain) == 1)
+    if not others:
       if located is None:
         reason = _NNX_COPY_REASON if nnx_capture.is_nnx(module) else _UNMATCHED_REASON
+        return _Site(name, None, "skip", reason)
+      if not _comes_back_exactly(module, inputs):
+        return _Site(name, located, "skip", _IDS_REASON)
+      return _Site(name, located, "checkpoint")
+    stacked = self.index.stacked(module, prefixes, None)
+    if stacked:
+      return _Site(_layer_name(stacked[0][0]), None, "skip", _STACKED_REASON)
+    return _Site(name, located, "skip", *_nested_reason(labels))
+
+  def _scan_site(self, module, inputs, located, prefixes, frame, emit) -> _Site:
+    """The site of a call in the body of a scan the hook saw (``frame``).
+
+    The kernel is either the module's own leaf (shared by the iterations) or
+    a leaf with ``frame.length`` slices (stacked).
+    """
+    if located is None:
+      candidates = self.index.stacked(module, prefixes, frame.length)
+      if len(candidates) > 1:
+        return _Site(_layer_name(candidates[0][0]), None, "skip", _AMBIGUOUS_STACK_REASON)
+      if not candidates:
+        reason = _NNX_COPY_REASON if nnx_capture.is_nnx(module) else _UNMATCHED_REASON
         return _Site(_scope_name(module), None, "skip", reason)
-      if not _comes_back_exactly(module, inputs, located[3]):
-        return _Site(located[0], located, "skip", _IDS_REASON)
-      return _Site(located[0], located, "checkpoint")
-    stacked = self.index.stacked_path(module, prefixes)
-    if stacked is not None:
-      return _Site(_layer_name(stacked), None, "skip", _STACKED_REASON)
-    reason, final = _nested_reason(labels)
-    name = _scope_name(module) if located is None else located[0]
-    return _Site(name, located, "skip", reason, final)
+      kernel_path, bias_path, axis = candidates[0]
+      located = (_layer_name(kernel_path), kernel_path, bias_path,
+                 self.index.leaf(kernel_path))
+    else:
+      axis = None
+    if not emit and not _comes_back_exactly(module, inputs):
+      return _Site(located[0], located, "skip", _IDS_REASON)
+    return _Site(located[0], located, "scan", frame=frame, stacked_axis=axis, emit=emit)
 
 
 @jax.custom_vjp
@@ -374,7 +486,8 @@ def _return_input(outputs, inputs, probe):
   forward pass (it belongs to the checkpoint's trace); the backward pass
   hands it out instead, as the gradient of the zero input probe (same shape,
   float32 for integer inputs) closed over from the loss's trace. The body
-  runs once per forward pass, so that gradient is the input itself.
+  runs once per forward pass, so that gradient is the input itself. In a
+  scan body the probe is this iteration's slice of a stacked one.
   """
   del inputs, probe
   return outputs
@@ -392,13 +505,14 @@ def _return_input_bwd(inputs, out_grads):
 _return_input.defvjp(_return_input_fwd, _return_input_bwd)
 
 
-def _comes_back_exactly(module, inputs, kernel) -> bool:
+def _comes_back_exactly(module, inputs) -> bool:
   """Whether the input probe's gradient (``_probe_dtype``) holds ``inputs`` exactly."""
   dtype = jnp.dtype(inputs.dtype)
   if jnp.issubdtype(dtype, jnp.inexact) or dtype.itemsize <= 2:
     return True
-  return (layers_lib.kind_of(module) is layers_lib.Embed
-          and kernel.shape[0] <= _MAX_EXACT_IDS)
+  kind = layers_lib.kind_of(module)
+  return (kind is layers_lib.Embed
+          and _module_param(module, kind.kernel_param).shape[0] <= _MAX_EXACT_IDS)
 
 
 def _probe_dtype(dtype):
@@ -438,10 +552,14 @@ def find_layers(loss_fn: Callable[..., Any], params: Any, *args,
 
     Layers called inside ``nn.remat`` / ``nn.checkpoint`` / ``jax.checkpoint``
     are registered like the others (a linen layer is found in ``params`` by
-    its scope path, e.g. 'CheckpointDense_0'). Layers called inside a loop
-    (``nn.scan``, ``lax.scan``, ``fori_loop``), ``vmap`` or another
-    transform, or inside ``nnx.remat`` (whose parameters are copies), are
-    listed in ``skipped`` with the reason.
+    its scope path, e.g. 'CheckpointDense_0'). Layers inside ``nn.scan`` or
+    a ``jax.lax.scan`` of the loss are registered too, with their kind
+    'dense (scan)' when the iterations share the kernel (one block), 'dense
+    (scan, 12 stacked)' when ``variable_axes`` stacks it (A '12x65': one
+    block per slice). Layers called inside other loops (``fori_loop``), a
+    scan inside a scan, ``vmap`` or another transform, or inside
+    ``nnx.remat`` / ``nnx.scan`` (whose parameters are copies), are listed
+    in ``skipped`` with the reason.
 
   Example:
     >>> layers = kaisa_jax.find_layers(loss_fn, params, x, y)
@@ -454,6 +572,8 @@ def find_layers(loss_fn: Callable[..., Any], params: Any, *args,
   found: dict[str, layers_lib.Layer] = {}
   skipped: dict[str, layers_lib.Skipped] = {}
   provisional: set[str] = set()  # skipped with a reason a more precise one replaces
+  ignored: dict[str, layers_lib.Skipped] = {}  # seen only in nn.scan's look-ahead trace
+  modes: dict[str, tuple] = {}  # the capture layout of each layer's calls
   errors: list[str] = []
   leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
   dynamic = [i for i, leaf in enumerate(leaves) if _is_abstract(leaf)]
@@ -491,6 +611,9 @@ def find_layers(loss_fn: Callable[..., Any], params: Any, *args,
         return next_fun(*fn_args, **fn_kwargs)
       site = loss_trace.site(module, inputs)
       outputs = next_fun(*fn_args, **fn_kwargs)
+      if site.how == "ignore":
+        ignored[site.name] = layers_lib.Skipped(site.name, type(module).__name__, site.reason)
+        return outputs
       if site.how == "skip":
         skip(site.name, module, site.reason, site.final)
         return outputs
@@ -503,12 +626,19 @@ def find_layers(loss_fn: Callable[..., Any], params: Any, *args,
             "instead of closing over it).")
         return outputs
       name, kernel_path, bias_path, kernel = site.located
+      if modes.setdefault(name, site.mode) != site.mode:
+        skip(name, module, _MIXED_REASON)
       if name in found or name in skipped:
         return outputs  # a shared module: later calls add rows, not layers
+      kind = layers_lib.kind_of(module)
+      call_kernel = _module_param(module, kind.kernel_param)  # one iteration's in a scan
       try:
-        found[name] = layers_lib.kind_of(module).from_call(
-            module, name, kernel_path, bias_path, tuple(kernel.shape), inputs, outputs,
-            fn_kwargs)
+        layer = kind.from_call(module, name, kernel_path, bias_path,
+                               tuple(call_kernel.shape), inputs, outputs,
+                               _call_arguments(module, fn_args, fn_kwargs))
+        if site.how == "scan":
+          layer = scanned.Scanned.wrap(layer, kernel.shape, site.stacked_axis)
+        found[name] = layer
       except layers_lib.UnsupportedLayer as e:
         skip(name, module, str(e))
       return outputs
@@ -517,6 +647,9 @@ def find_layers(loss_fn: Callable[..., Any], params: Any, *args,
       return loss_fn(params, *call_args, **call_kwargs)
 
   jax.eval_shape(traced, params, [leaves[i] for i in dynamic])
+  for name, entry in ignored.items():
+    if name not in found and name not in skipped:
+      skipped[name] = entry
   if errors:
     raise ValueError("\n".join(errors))
   if not found and not skipped:
@@ -531,16 +664,38 @@ class _CallShape(NamedTuple):
   """What the shape pass learns of one layer call.
 
   Attributes:
-    output: the output's ShapeDtypeStruct and its varying shard_map axes.
-    input: for a call inside jax.checkpoint, the input's ShapeDtypeStruct
-      and varying axes (its probe is made from them); None otherwise.
+    output: the output's ShapeDtypeStruct and its varying shard_map axes,
+      (length, ...) for a call in a scan.
+    input: for a call whose input comes back through the backward pass
+      (inside jax.checkpoint, or a scan that does not emit it), the input's
+      ShapeDtypeStruct and varying axes (its probe is made from them);
+      None otherwise.
+    how: the site's ``how``.
+    frame: the index of the scan frame of a 'scan' call, else None.
+    mode: the site's ``mode``.
   """
   output: tuple
   input: Any
+  how: str
+  frame: Optional[int]
+  mode: tuple
+
+  @classmethod
+  def of(cls, site: _Site, inputs, outputs) -> "_CallShape":
+    length = (site.frame.length,) if site.how == "scan" else ()
+    returned = site.how != "direct" and not site.emit
+    return cls(_struct_and_axes(outputs, length),
+               _struct_and_axes(inputs, length) if returned else None,
+               site.how, None if site.frame is None else site.frame.index, site.mode)
+
+  def matches(self, site: _Site) -> bool:
+    return (self.how, self.frame) == (
+        site.how, None if site.frame is None else site.frame.index)
 
 
-def _struct_and_axes(x) -> tuple:
-  return (jax.ShapeDtypeStruct(x.shape, x.dtype),
+def _struct_and_axes(x, leading: tuple = ()) -> tuple:
+  """(ShapeDtypeStruct of x with ``leading`` axes first, x's varying shard_map axes)."""
+  return (jax.ShapeDtypeStruct(leading + tuple(x.shape), x.dtype),
           tuple(sorted(collectives.varying_axes(x), key=str)))
 
 
@@ -576,7 +731,9 @@ def value_and_grad(loss_fn: Callable[..., Any], has_aux: bool = False,
   supported layer, registered or not, except those ``find_layers`` lists as
   skipped for a nested transform. A call inside ``jax.checkpoint`` (``nn.remat``)
   is captured exactly: its input comes back from the backward pass, as the
-  input the gradient was computed with.
+  input the gradient was computed with. A call inside ``nn.scan`` (or a
+  ``jax.lax.scan`` of the loss) is captured per iteration, stacked:
+  (length, batch, ...), in the order of the scan's outputs.
   """
   if fisher not in fisher_lib.FISHER_TYPES:
     raise ValueError(f"fisher must be one of {fisher_lib.FISHER_TYPES}, got {fisher!r}.")
@@ -612,17 +769,18 @@ def value_and_grad(loss_fn: Callable[..., Any], has_aux: bool = False,
         outputs = next_fun(*call_args, **call_kwargs)
         if site.how == "skip":
           dropped.add(site.name)
-        else:
-          call_shapes[site.name].append(_CallShape(
-              _struct_and_axes(outputs),
-              _struct_and_axes(inputs) if site.how == "checkpoint" else None))
+        elif site.how != "ignore":
+          call_shapes[site.name].append(_CallShape.of(site, inputs, outputs))
         return outputs
 
       with _intercept_layers(shape_interceptor, loss_trace):
         return loss_fn(params, *args, **kwargs)
 
     jax.eval_shape(shape_pass, params)
-    # A layer with a call that cannot be captured is not captured at all.
+    # A layer with a call that cannot be captured, or whose calls' captures
+    # differ in layout, is not captured at all.
+    dropped |= {name for name, calls in call_shapes.items()
+                if len({call.mode for call in calls}) > 1}
     call_shapes = {name: calls for name, calls in call_shapes.items() if name not in dropped}
     out_probes = {name: tuple(_zeros_varying_like(*call.output) for call in calls)
                   for name, calls in call_shapes.items()}
@@ -634,28 +792,42 @@ def value_and_grad(loss_fn: Callable[..., Any], has_aux: bool = False,
     def probed_loss(params, probes):
       out_probes, in_probes = probes
       inputs: dict[str, list] = collections.defaultdict(list)
-      loss_trace = _LossTrace(params)
+      # Each scan is given the (length, ...) probes of the calls in its body.
+      by_frame: dict[int, dict] = collections.defaultdict(dict)
+      for name, calls in call_shapes.items():
+        for c, call in enumerate(calls):
+          if call.frame is not None:
+            by_frame[call.frame][(name, c)] = (out_probes[name][c], in_probes[name][c])
+      loss_trace = _LossTrace(params, probes_for=lambda frame: by_frame.get(frame, {}))
 
       def interceptor(next_fun, call_args, call_kwargs, context):
         if not _is_layer_call(context):
           return next_fun(*call_args, **call_kwargs)
         x = _call_input(call_args, call_kwargs)
         site = loss_trace.site(context.module, x)
-        if site.how == "skip" or site.name in dropped:
+        if site.how in ("skip", "ignore") or site.name in dropped:
           return next_fun(*call_args, **call_kwargs)
         name = site.name
         call = len(inputs[name])
-        if (name not in out_probes or call >= len(out_probes[name])
-            or (in_probes[name][call] is None) != (site.how == "direct")):
+        if (name not in call_shapes or call >= len(call_shapes[name])
+            or not call_shapes[name][call].matches(site)):
           raise ValueError(
               f"layer {name!r} was called more often, or elsewhere, than in the "
               "shape pass; the loss function must call its layers deterministically.")
-        # A direct call's input is kept as it is; one inside jax.checkpoint
+        # A direct call's input is kept as it is, one in a scan in the
+        # loss's trace leaves the scan stacked; one inside jax.checkpoint
         # comes back as the gradient of its input probe.
         inputs[name].append(x if site.how == "direct" else None)
-        outputs = next_fun(*call_args, **call_kwargs) + out_probes[name][call]
-        if site.how == "checkpoint":
-          outputs = _return_input(outputs, x, in_probes[name][call])
+        if site.how == "scan":
+          out_probe, in_probe = site.frame.slices[(name, call)]
+        else:
+          out_probe, in_probe = out_probes[name][call], in_probes[name][call]
+        outputs = next_fun(*call_args, **call_kwargs) + out_probe
+        if site.emit:
+          site.frame.emitted[(name, call)] = x
+          inputs[name][-1] = _Emitted(site.frame, (name, call))
+        elif site.how != "direct":
+          outputs = _return_input(outputs, x, in_probe)
         return outputs
 
       with _intercept_layers(interceptor, loss_trace):
@@ -672,7 +844,8 @@ def value_and_grad(loss_fn: Callable[..., Any], has_aux: bool = False,
             "inside jax.checkpoint(f) with f defined outside the loss is not "
             "traced again (JAX reuses f's trace): use nn.remat, or apply "
             "jax.checkpoint to a function made inside the loss.")
-      recorded = (aux, {k: tuple(v) for k, v in inputs.items()})
+      recorded = (aux, {k: tuple(x.stacked() if isinstance(x, _Emitted) else x for x in v)
+                        for k, v in inputs.items()})
       return ((loss, fisher_loss) if sampled else loss), recorded
 
     probes = (out_probes, in_probes)
@@ -697,6 +870,15 @@ def value_and_grad(loss_fn: Callable[..., Any], has_aux: bool = False,
     return value, grads, captures
 
   return wrapped
+
+
+class _Emitted(NamedTuple):
+  """A layer input a scan hands out: available once the scan has run."""
+  frame: Any
+  key: tuple
+
+  def stacked(self) -> jax.Array:
+    return self.frame.stacked_inputs[self.key]
 
 
 def _input_probe(shape: jax.ShapeDtypeStruct, axes: tuple) -> jax.Array:

@@ -20,6 +20,7 @@ from typing import NamedTuple, Optional, Union
 import jax
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
+from jax import lax
 
 from kaisa_jax._src import factors as factors_lib
 from kaisa_jax._src import layers as layers_lib
@@ -98,6 +99,13 @@ def decompose_factor(factor: jax.Array, damping, method: str, dtype) -> tuple:
   I)⁻¹,). Blocks (a leading axis) are decomposed independently. What an
   inverse worker computes and sends.
   """
+  if factor.ndim == 3 and jax.default_backend() == "cpu":
+    # jaxlib's CPU LAPACK kernels split a batch over XLA's intra-op thread
+    # pool and block until its pieces are done: as many batched
+    # decompositions running at once as the pool has threads deadlock
+    # (measured: two on a 2-core machine, jax 0.10). One block at a time
+    # instead, in a loop XLA runs sequentially.
+    return lax.map(lambda block: decompose_factor(block, damping, method, dtype), factor)
   if method == "inverse":
     return (_damped_inverse(factor, damping, dtype),)
   if factor.ndim == 1:

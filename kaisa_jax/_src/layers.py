@@ -409,7 +409,7 @@ def _einsum_roles(equation: str, input_ndim: int):
 
 @dataclasses.dataclass(frozen=True)
 class Einsum(Dense):
-  """``flax.linen.Einsum``: ``einsum('input,kernel->output', x, kernel)``.
+  """``flax.linen.Einsum`` / ``nnx.Einsum``: ``einsum('input,kernel->output', x, kernel)``.
 
   The kernel is the (prod(features), prod(contracted)) matrix, ``features``
   its indices kept in the output (in output order, as the bias), and
@@ -425,7 +425,7 @@ class Einsum(Dense):
   features: tuple[str, ...] = ()
 
   kind = "einsum"
-  modules = (nn.Einsum,)
+  modules = (nn.Einsum, nnx.Einsum)
 
   @property
   def _operands(self) -> tuple[str, str, str]:
@@ -455,10 +455,19 @@ class Einsum(Dense):
     del outputs
     equation = call_kwargs.get("einsum_str") or module.einsum_str
     if equation is None:
-      raise UnsupportedLayer("Einsum whose einsum_str is passed positionally at call time")
-    equation, positions, contracted, features = _einsum_roles(equation, inputs.ndim)
-    return cls(name, kernel_path, bias_path, tuple(kernel_shape), equation=equation,
-               positions=positions, contracted=contracted, features=features)
+      raise UnsupportedLayer("Einsum without an einsum_str")
+    if getattr(module, "einsum_op", jnp.einsum) is not jnp.einsum:
+      raise UnsupportedLayer("nnx.Einsum with a custom einsum_op, whose product is unknown")
+    equation, positions, contracted, features = _einsum_roles(
+        equation.replace(" ", ""), inputs.ndim)
+    layer = cls(name, kernel_path, bias_path, tuple(kernel_shape), equation=equation,
+                positions=positions, contracted=contracted, features=features)
+    declared = getattr(module, "bias_shape", None)  # NNX declares it; linen infers it
+    if bias_path is not None and declared is not None and tuple(declared) != layer.bias_shape:
+      raise UnsupportedLayer(
+          f"nnx.Einsum with bias_shape {tuple(declared)}: only the shape of its "
+          f"output features {layer.bias_shape} is supported")
+    return layer
 
   def _input_features(self, inputs: jax.Array) -> jax.Array:
     lhs = self._operands[0]
@@ -951,7 +960,6 @@ class Skipped:
 # Flax layers with parameters that no kind handles (yet): find_layers lists
 # them as skipped instead of leaving them unnoticed.
 _UNSUPPORTED_MODULES = (
-    ((nnx.Einsum,), "nnx.Einsum is not supported yet (linen's Einsum is)"),
     ((nn.ConvTranspose, nnx.ConvTranspose), "transposed convolutions are not supported yet"),
     ((nn.ConvLocal,), "unshared (local) convolutions are not supported yet"),
 )

@@ -25,6 +25,7 @@ from kaisa_jax._src import eigen as eigen_lib
 from kaisa_jax._src import factors as factors_lib
 from kaisa_jax._src import layers as layers_lib
 from kaisa_jax._src import placement as placement_lib
+from kaisa_jax._src import scanned as scanned_lib
 
 ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
 
@@ -160,8 +161,12 @@ def _with_weight_sharing(active: tuple[layers_lib.Layer, ...],
   resolved = []
   for layer in active:
     mode = next((m for p, m in rules if p is None or p.search(layer.name)), "expand")
-    if isinstance(layer, layers_lib.Dense):
-      layer = dataclasses.replace(layer, weight_sharing=mode)
+    # A layer inside a scan shares the weights of its kind's own calls.
+    scan = layer if isinstance(layer, scanned_lib.Scanned) else None
+    inner = layer.inner if scan else layer
+    if isinstance(inner, layers_lib.Dense):
+      inner = dataclasses.replace(inner, weight_sharing=mode)
+      layer = scan.with_inner(inner) if scan else inner
     elif mode != "expand" and isinstance(weight_sharing, Mapping):
       raise ValueError(
           f"weight_sharing={mode!r} was asked for layer {layer.name!r}, a {layer.kind} "
