@@ -20,6 +20,12 @@ Run from the repository root::
 
   python examples/nnx_mlp.py              # 200 steps per optimizer, about 10 s on 2 CPU cores
   python examples/nnx_mlp.py --steps 20
+  python examples/nnx_mlp.py --scan-blocks 4   # the hidden layers stacked, under nnx.scan
+
+With ``--scan-blocks K`` the second hidden layer becomes K residual blocks
+whose parameters are stacked by ``nnx.vmap`` and applied in turn by
+``nnx.scan``, each block under ``nnx.remat``: K-FAC keeps one Kronecker
+block per slice (the registry shows 'dense (scan, K stacked)').
 """
 
 from __future__ import annotations
@@ -47,17 +53,39 @@ KFAC = dict(learning_rate=0.1, damping=0.1, factor_decay=0.9, factor_update_step
             inv_update_steps=20, kl_clip=1e-3)
 
 
-class MLP(nnx.Module):
-  """64 pixels -> 128 -> 128 -> 10 classes, ReLU."""
+class Residual(nnx.Module):
+  """x + relu(Linear(x)), width kept."""
 
-  def __init__(self, rngs: nnx.Rngs, hidden: int = 128):
+  def __init__(self, rngs: nnx.Rngs, hidden: int):
+    self.dense = nnx.Linear(hidden, hidden, rngs=rngs)
+
+  def __call__(self, x):
+    return x + jax.nn.relu(self.dense(x))
+
+
+class MLP(nnx.Module):
+  """64 pixels -> 128 -> 128 -> 10 classes, ReLU.
+
+  With ``scan_blocks`` K > 0, the second hidden layer is K residual blocks,
+  stacked (their kernels (K, 128, 128)) and scanned over.
+  """
+
+  def __init__(self, rngs: nnx.Rngs, hidden: int = 128, scan_blocks: int = 0):
     self.hidden1 = nnx.Linear(64, hidden, rngs=rngs)
-    self.hidden2 = nnx.Linear(hidden, hidden, rngs=rngs)
+    if scan_blocks:
+      make = nnx.vmap(lambda rngs: Residual(rngs, hidden), in_axes=0, out_axes=0)
+      self.blocks = make(rngs.split(scan_blocks))
+    else:
+      self.hidden2 = nnx.Linear(hidden, hidden, rngs=rngs)
     self.out = nnx.Linear(hidden, 10, rngs=rngs)
 
   def __call__(self, x):  # x: (batch, 64) -> logits (batch, 10)
     x = jax.nn.relu(self.hidden1(x))
-    x = jax.nn.relu(self.hidden2(x))
+    if hasattr(self, "blocks"):
+      apply = nnx.remat(lambda block, x: block(x))
+      x = nnx.scan(apply, in_axes=(0, nnx.Carry), out_axes=nnx.Carry)(self.blocks, x)
+    else:
+      x = jax.nn.relu(self.hidden2(x))
     return self.out(x)
 
 
@@ -78,10 +106,13 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--steps", type=int, default=200, help="training steps per optimizer")
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--scan-blocks", type=int, default=0,
+                      help="K > 0: the second hidden layer as K stacked residual blocks "
+                           "under nnx.scan")
   args = parser.parse_args(argv)
 
   x_all, y_all = load_digits()
-  graphdef, params0 = nnx.split(MLP(nnx.Rngs(args.seed)))
+  graphdef, params0 = nnx.split(MLP(nnx.Rngs(args.seed), scan_blocks=args.scan_blocks))
 
   def loss_fn(params, x, y):
     logits = nnx.merge(graphdef, params)(x)

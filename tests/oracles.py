@@ -133,6 +133,28 @@ def np_kron_solve(g, a, grad, damping):
   return np.linalg.solve(big, grad.ravel()).reshape(grad.shape)
 
 
+def np_scan_kfac_step(rows, grads, length, stacked, damping, decay):
+  """float64 first K-FAC step of a Dense with bias applied ``length`` times in a scan.
+
+  ``rows`` and ``grads`` are ``np_chain``'s, iterations first. Stacked
+  parameters: one Kronecker block per iteration's slice; shared: one block
+  over every iteration's rows, their gradients summed. The factors start
+  from I and average in one batch's covariances with ``decay``. Returns per
+  block the preconditioned gradient, (out, in + 1), the bias last.
+  """
+  blocks = [[i] for i in range(length)] if stacked else [list(range(length))]
+  steps = []
+  for its in blocks:
+    a = np.concatenate([np.concatenate([rows[i][0], np.ones((rows[i][0].shape[0], 1))], axis=1)
+                        for i in its])
+    g = np.concatenate([rows[i][1] for i in its])
+    factor_a = decay * np.eye(a.shape[1]) + (1 - decay) * a.T @ a / a.shape[0]
+    factor_g = decay * np.eye(g.shape[1]) + (1 - decay) * g.T @ g / g.shape[0]
+    grad = sum(np.concatenate([grads[i][0].T, grads[i][1][:, None]], axis=1) for i in its)
+    steps.append(np_kron_solve(factor_g, factor_a, grad, damping))
+  return steps
+
+
 def np_damped_inverse(m, damping):
   """(M + γI)⁻¹ in float64."""
   m = np.asarray(m, np.float64)

@@ -101,12 +101,15 @@ def test_convergence_benchmark_quick(tmp_path):
 
 
 @pytest.mark.slow
-def test_nnx_mlp_trains():
-  out = run_script(os.path.join("examples", "nnx_mlp.py"), "--steps", "30")
-  # The registry table lists the three nnx.Linear layers.
-  for name, a_size, g_size in (("hidden1", 65, 128), ("hidden2", 129, 128), ("out", 129, 10)):
-    assert any(line.split() == [name, "dense", str(a_size), str(g_size)]
-               for line in out.splitlines()), out
+@pytest.mark.parametrize("scan_blocks", [0, 3])
+def test_nnx_mlp_trains(scan_blocks):
+  out = run_script(os.path.join("examples", "nnx_mlp.py"), "--steps", "30",
+                   "--scan-blocks", str(scan_blocks))
+  # The registry table lists the nnx.Linear layers, the scanned ones stacked.
+  hidden = ((["blocks/dense", "dense", "(scan,", "3", "stacked)", "3x129", "3x128"],)
+            if scan_blocks else (["hidden2", "dense", "129", "128"],))
+  for row in (["hidden1", "dense", "65", "128"],) + hidden + (["out", "dense", "129", "10"],):
+    assert any(line.split() == row for line in out.splitlines()), out
   for optimizer in ("kaisa + sgd", "adam"):
     section = out.split(optimizer + ":")[1]
     losses = [float(line.split()[-1]) for line in section.splitlines()

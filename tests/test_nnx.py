@@ -23,8 +23,8 @@ from jax.tree_util import DictKey, GetAttrKey
 
 import kaisa_jax
 from kaisa_jax._src import nnx_capture
-from oracles import (assert_close, np_damped_inverse, np_kernel_matrix, np_patches,
-                     np_same_pads)
+from oracles import (assert_close, np_chain, np_damped_inverse, np_kernel_matrix,
+                     np_patches, np_same_pads, np_scan_kfac_step)
 
 BATCH = 8
 # A mean loss puts 1/batch into every output gradient: scaled up so that G is
@@ -438,36 +438,159 @@ def test_training_step_with_sgd_under_jit_lowers_the_loss():
 # Nested transforms.
 
 
-def test_layer_inside_nnx_remat_is_listed_as_skipped():
+LENGTH = 3
 
-  class Remat(nnx.Module):
 
-    def __init__(self, rngs):
-      self.inp = nnx.Linear(6, 5, rngs=rngs)
-      self.block = _Block(rngs)
-      self.head = nnx.Linear(4, 3, rngs=rngs)
+class _Step(nnx.Module):
+  """One iteration: c -> tanh(Linear 4 -> 4 (c))."""
 
-    def __call__(self, x):
-      x = jnp.tanh(self.inp(x))
-      x = nnx.remat(lambda block, x: block(x))(self.block, x)
-      return self.head(x)
+  def __init__(self, rngs):
+    self.lin = nnx.Linear(4, 4, rngs=rngs)
 
-  graphdef, params = split_random(Remat)
-  x, y = batch((6,), 3)
+  def __call__(self, x):
+    return jnp.tanh(self.lin(x))
+
+
+class Transformed(nnx.Module):
+  """x (4) -> LENGTH steps under an NNX transform -> head: Linear 4 -> 2.
+
+  how: 'remat' (LENGTH separate steps, each under nnx.remat), 'scan_stacked'
+  (nnx.scan over steps stacked on axis 0), 'scan_shared' (nnx.scan over one
+  step, broadcast), 'remat_in_scan' and 'remat_around_scan' (stacked).
+  """
+
+  def __init__(self, how, rngs):
+    self.how = how
+    if how == "remat":
+      self.steps = nnx.List([_Step(rngs) for _ in range(LENGTH)])
+    elif how == "scan_shared":
+      self.cell = _Step(rngs)
+    else:
+      self.stack = nnx.vmap(_Step, in_axes=0, out_axes=0)(
+          nnx.Rngs(jax.random.split(jax.random.key(0), LENGTH)))
+    self.head = nnx.Linear(4, 2, rngs=rngs)
+
+  def __call__(self, x):
+    apply = lambda step, x: step(x)
+    if self.how == "remat":
+      for step in self.steps:
+        x = nnx.remat(apply)(step, x)
+    elif self.how == "scan_shared":
+      x = nnx.scan(apply, in_axes=(None, nnx.Carry), out_axes=nnx.Carry,
+                   length=LENGTH)(self.cell, x)
+    else:
+      body = nnx.remat(apply) if self.how == "remat_in_scan" else apply
+      scan = nnx.scan(body, in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+      x = (nnx.remat(scan) if self.how == "remat_around_scan" else scan)(self.stack, x)
+    return self.head(x)
+
+
+def _transformed_steps(p, how):
+  """The (kernel, bias) each step applies, in order (float64 NumPy)."""
+  if how == "remat":
+    return [(s["lin"]["kernel"], s["lin"]["bias"]) for s in p["steps"].values()]
+  if how == "scan_shared":
+    return [(p["cell"]["lin"]["kernel"], p["cell"]["lin"]["bias"])] * LENGTH
+  lin = p["stack"]["lin"]
+  return [(lin["kernel"][i], lin["bias"][i]) for i in range(LENGTH)]
+
+
+TRANSFORMS = ["remat", "scan_stacked", "scan_shared", "remat_in_scan", "remat_around_scan"]
+
+
+@pytest.mark.parametrize("how", TRANSFORMS)
+def test_layers_inside_nnx_remat_and_scan_are_captured_exactly(how):
+  # NNX transforms hand the layer a new Variable holding the transform's
+  # tracer; the capture finds its leaf of params through the Variable's
+  # metadata, which the split and merge inside the transform keep.
+  graphdef, params = split_random(lambda rngs: Transformed(how, rngs))
+  x, y = batch((4,), 2)
   loss_fn = mse_loss(graphdef)
   layers = kaisa_jax.find_layers(loss_fn, params, x, y)
-  assert layers.names == ("inp", "head")
-  assert [(s.name, s.module_type) for s in layers.skipped] == [("Linear_5x4", "Linear")]
-  assert "transform" in layers.skipped[0].reason
+  assert not layers.skipped
+  scan_kind = {"scan_shared": "dense (scan)"}.get(how, "dense (scan, 3 stacked)")
+  expected = ({f"steps/{i}/lin": "dense" for i in range(LENGTH)} if how == "remat"
+              else {"cell/lin" if how == "scan_shared" else "stack/lin": scan_kind})
+  assert {l.name: l.kind for l in layers} == {**expected, "head": "dense"}
+
+  loss, grads, captures = jax.jit(kaisa_jax.value_and_grad(loss_fn))(params, x, y)
+  p = np_tree(params)
+  head = (p["head"]["kernel"], p["head"]["bias"])
+  np_loss, _, rows = np_chain(_transformed_steps(p, how) + [head], x, y, ["tanh"] * LENGTH,
+                              LOSS_SCALE)
+  assert_close(loss, np_loss)
+  for i in range(LENGTH):
+    if how == "remat":
+      (inputs,), (out_grads,) = captures[f"steps/{i}/lin"]
+    else:  # iteration i is slice i of the stacked captures
+      (inputs,), (out_grads,) = jax.tree.map(lambda c: c[i], tuple(captures[next(iter(expected))]))
+    assert_close(inputs, rows[i][0])
+    assert_close(out_grads, rows[i][1])
+  assert_close(captures["head"].inputs[0], rows[-1][0])
+  # The probes change nothing: the gradient is jax.grad's.
+  jax.tree.map(lambda a, b: assert_close(a, b, rtol=1e-6), grads,
+               jax.grad(loss_fn)(params, x, y))
+
+
+@pytest.mark.parametrize("how", ["scan_stacked", "scan_shared"])
+def test_kaisa_step_inside_nnx_scan_matches_numpy(how):
+  graphdef, params = split_random(lambda rngs: Transformed(how, rngs), seed=2)
+  x, y = batch((4,), 2, seed=3)
+  loss_fn = mse_loss(graphdef)
+  damping, decay = 0.05, 0.5
+  tx = kaisa_jax.kaisa(kaisa_jax.find_layers(loss_fn, params, x, y), damping=damping,
+                       factor_decay=decay, kl_clip=None)
+
+  @jax.jit
+  def step(params):
+    _, grads, captures = kaisa_jax.value_and_grad(loss_fn)(params, x, y)
+    return tx.update(grads, tx.init(params), params, captures=captures)[0]
+
+  updates = np_tree(step(params))
+  p = np_tree(params)
+  head = (p["head"]["kernel"], p["head"]["bias"])
+  _, np_grads, rows = np_chain(_transformed_steps(p, how) + [head], x, y, ["tanh"] * LENGTH,
+                               LOSS_SCALE)
+  stacked = how == "scan_stacked"
+  lin = updates["stack" if stacked else "cell"]["lin"]
+  kernels = lin["kernel"] if stacked else lin["kernel"][None]
+  biases = lin["bias"] if stacked else lin["bias"][None]
+  expected = np_scan_kfac_step(rows, np_grads, LENGTH, stacked, damping, decay)
+  assert len(kernels) == len(expected)
+  for kernel, bias, precond in zip(kernels, biases, expected):
+    assert_close(kernel, precond[:, :-1].T, rtol=1e-4)
+    assert_close(bias, precond[:, -1], rtol=1e-4)
+
+
+def test_pure_dict_params_leave_nnx_transformed_layers_skipped():
+  # A pure dict holds no Variables to carry their paths through the transform.
+  graphdef, params = split_random(lambda rngs: Transformed("scan_stacked", rngs))
+  params = nnx.to_pure_dict(params)
+  x, y = batch((4,), 2)
+  loss_fn = mse_loss(graphdef)
+  layers = kaisa_jax.find_layers(loss_fn, params, x, y)
+  assert layers.names == ("head",)
+  assert [(s.name, s.module_type) for s in layers.skipped] == [("Linear_4x4", "Linear")]
+  assert "nnx.State" in layers.skipped[0].reason
   _, grads, captures = jax.jit(kaisa_jax.value_and_grad(loss_fn))(params, x, y)
-  assert set(captures) == {"inp", "head"}
-  # The remat'ed layer's gradient is intact; the skipped name works as a pattern.
-  assert_close(np_tree(grads)["block"]["proj"]["kernel"],
-               np_tree(jax.grad(loss_fn)(params, x, y))["block"]["proj"]["kernel"])
-  tx = kaisa_jax.kaisa(layers, skip_layers=(layers.skipped[0].name,))
-  updates, _ = jax.jit(tx.update)(grads, tx.init(params), params, captures=captures)
-  np.testing.assert_array_equal(np.asarray(updates["block"]["proj"]["kernel"][...]),
-                                np.asarray(grads["block"]["proj"]["kernel"][...]))
+  assert set(captures) == {"head"}
+  jax.tree.map(lambda a, b: assert_close(a, b, rtol=1e-6), grads,
+               jax.grad(loss_fn)(params, x, y))
+
+
+def test_variables_the_loss_returns_keep_their_own_metadata():
+  # The capture marks the Variables of params while it traces the loss, and
+  # takes the marks off before JAX flattens what the loss returns.
+  graphdef, params = split_random(lambda rngs: Transformed("remat", rngs))
+  x, y = batch((4,), 2)
+
+  def loss_fn(params, x, y):
+    model = nnx.merge(graphdef, params)
+    return mse_loss(graphdef)(params, x, y), nnx.state(model)
+
+  (_, aux), _, _ = jax.jit(kaisa_jax.value_and_grad(loss_fn, has_aux=True))(params, x, y)
+  # A treedef holds each Variable's metadata.
+  assert jax.tree.structure(aux) == jax.tree.structure(params)
 
 
 # ---------------------------------------------------------------------------

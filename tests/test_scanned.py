@@ -21,7 +21,7 @@ import optax
 import pytest
 
 import kaisa_jax
-from oracles import (assert_close, normal_batch, np_chain, np_kron_solve, random_params,
+from oracles import (assert_close, normal_batch, np_chain, np_scan_kfac_step, random_params,
                      scaled_mse)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,10 +69,6 @@ def _steps(params, stacked):
   if stacked:
     return [(d["kernel"][i], d["bias"][i]) for i in range(LENGTH)]
   return [(d["kernel"], d["bias"])] * LENGTH
-
-
-def _with_ones(a):
-  return np.concatenate([a, np.ones((a.shape[0], 1))], axis=1)
 
 
 CASES = [(True, ""), (True, "inside"), (True, "around"), (False, ""), (False, "inside"),
@@ -131,18 +127,8 @@ def test_kaisa_step_in_a_scan_matches_numpy(stacked):
   head = (params["head"]["kernel"], params["head"]["bias"])
   _, np_grads, rows = np_chain(_steps(params, stacked) + [head], x, t, ["tanh"] * LENGTH,
                                LOSS_SCALE)
-  # float64: the factors start from I and average in one batch's covariances:
-  # per slice when stacked, over every iteration's rows when shared.
-  blocks = [[i] for i in range(LENGTH)] if stacked else [list(range(LENGTH))]
-  expected = []
-  for its in blocks:
-    a = np.concatenate([_with_ones(rows[i][0]) for i in its])
-    g = np.concatenate([rows[i][1] for i in its])
-    factor_a = decay * np.eye(5) + (1 - decay) * a.T @ a / a.shape[0]
-    factor_g = decay * np.eye(4) + (1 - decay) * g.T @ g / g.shape[0]
-    grad = sum(np.concatenate([np_grads[i][0].T, np_grads[i][1][:, None]], axis=1)
-               for i in its)
-    expected.append(np_kron_solve(factor_g, factor_a, grad, damping))
+  # float64: per slice when stacked, over every iteration's rows when shared.
+  expected = np_scan_kfac_step(rows, np_grads, LENGTH, stacked, damping, decay)
   d = updates["inner"]["d"]
   kernels = d["kernel"] if stacked else d["kernel"][None]
   biases = d["bias"] if stacked else d["bias"][None]

@@ -60,9 +60,10 @@ class _ParamIndex:
 
   A layer is named after where its kernel lives in ``params`` (not after its
   Flax scope, which two models applied in one loss share): the kernel leaf is
-  recognised by identity, or, when a transform hands the layer its own copy
-  (``nn.remat``), by its scope path under the prefix where its ``apply``'s
-  parameters sit in ``params``.
+  recognised by identity, or, when a transform hands the layer its own copy,
+  by its scope path under the prefix where its ``apply``'s parameters sit
+  in ``params`` (linen: ``nn.remat``, ``nn.scan``), or by the path its
+  Variable was marked with (NNX: ``nnx.remat``, ``nnx.scan``).
   """
 
   # Where a linen model's parameters sit when no prefix is known: params is
@@ -84,7 +85,11 @@ class _ParamIndex:
   def _scope_paths(self, module: nn.Module, name: str, prefixes):
     """(path, leaf) at each prefix + the module's scope path + name that exists."""
     if nnx_capture.is_nnx(module):
-      return []  # NNX modules have no scope; their parameters are found by identity
+      # NNX modules have no scope: a copy made by nnx.remat or nnx.scan
+      # carries the path of its leaf, whatever the prefixes.
+      path = nnx_capture.marked_path(module, name)
+      leaf = None if path is None else self._by_path.get(path)
+      return [] if leaf is None else [(path, leaf)]
     scope = tuple(jax.tree_util.DictKey(p) for p in module.scope.path)
     found = []
     for prefix in prefixes:
@@ -196,7 +201,8 @@ def _intercept_layers(interceptor, loss_trace: "_LossTrace"):
   each call is nested in.
   """
   with nn.intercept_methods(loss_trace.track), nn.intercept_methods(interceptor), \
-       nnx_capture.intercept_methods(interceptor), loss_trace.hook.installed():
+       nnx_capture.intercept_methods(interceptor), loss_trace.hook.installed(), \
+       nnx_capture.paths_marked(loss_trace.params, loss_trace.index.path_of):
     yield
 
 
@@ -279,8 +285,9 @@ _VMAP_REASON = (
     "element, which a single probe cannot tell apart")
 _NNX_COPY_REASON = (
     "called inside a JAX transform (nnx.remat, nnx.scan) that hands the layer "
-    "a copy of its parameters (Flax NNX), which cannot be matched to a leaf of "
-    "params")
+    "a copy of its parameters (Flax NNX), which cannot be traced to a leaf of "
+    "params: pass params as the nnx.State of nnx.split (not a pure dict), "
+    "whose Variables carry their paths through the transform")
 _UNMATCHED_REASON = (
     "called inside jax.checkpoint (nn.remat) or a scan, and its kernel is not "
     "at its scope path in params, whole or stacked")
@@ -369,6 +376,7 @@ class _LossTrace:
   """
 
   def __init__(self, params, probes_for=None):
+    self.params = params
     self.index = _ParamIndex(params)
     self.hook = loops.ScanHook(probes_for)
     self.trace = jax_core.trace_ctx.trace
@@ -556,10 +564,11 @@ def find_layers(loss_fn: Callable[..., Any], params: Any, *args,
     a ``jax.lax.scan`` of the loss are registered too, with their kind
     'dense (scan)' when the iterations share the kernel (one block), 'dense
     (scan, 12 stacked)' when ``variable_axes`` stacks it (A '12x65': one
-    block per slice). Layers called inside other loops (``fori_loop``), a
-    scan inside a scan, ``vmap`` or another transform, or inside
-    ``nnx.remat`` / ``nnx.scan`` (whose parameters are copies), are listed
-    in ``skipped`` with the reason.
+    block per slice). So are Flax NNX layers inside ``nnx.remat`` and
+    ``nnx.scan`` when ``params`` is the ``nnx.State`` (its Variables carry
+    their paths through the transform; a pure dict cannot). Layers called
+    inside other loops (``fori_loop``), a scan inside a scan, ``vmap`` or
+    another transform are listed in ``skipped`` with the reason.
 
   Example:
     >>> layers = kaisa_jax.find_layers(loss_fn, params, x, y)

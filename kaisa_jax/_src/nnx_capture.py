@@ -23,9 +23,17 @@ import inspect
 import threading
 from typing import Any, Callable
 
+import jax
 from flax import nnx
 
 Interceptor = Callable[..., Any]  # (next_fun, args, kwargs, context) -> outputs
+
+# The metadata key under which a capture marks each Variable of params with
+# the key path of its value. NNX transforms (nnx.remat, nnx.scan) split the
+# module and merge it again inside the JAX transform: the layer then holds a
+# new Variable whose value is the transform's tracer, not a leaf of params,
+# but the metadata comes along.
+_PATH_KEY = "kaisa_jax_path"
 
 # Marks our wrappers, so that closing the last block restores only them.
 _MARK = "_kaisa_jax_nnx_wrapper"
@@ -77,6 +85,42 @@ def param_value(module: nnx.Module, name: str):
   if isinstance(attr, nnx.Variable):
     return attr.get_value()
   return attr
+
+
+def marked_path(module: nnx.Module, name: str):
+  """The key path in params that ``paths_marked`` gave the Variable ``name``, or None."""
+  attr = getattr(module, name, None)
+  if isinstance(attr, nnx.Variable):
+    return attr.get_metadata(_PATH_KEY, None)
+  return None
+
+
+@contextlib.contextmanager
+def paths_marked(params, path_of: Callable[[Any], Any]):
+  """Inside the block, each ``nnx.Variable`` of params carries the key path of its value.
+
+  ``path_of(value)`` gives that path (None: left unmarked). ``nnx.merge``
+  builds the model from these very Variables, so that a layer called inside
+  ``nnx.remat`` or ``nnx.scan`` can be traced to its leaf of params through
+  ``marked_path``. The marks are removed on exit, so that a Variable the
+  loss returns (in aux) has its own metadata again when JAX flattens it.
+  Params that hold no Variables (a pure dict) are left as they are.
+  """
+  variables = [v for v in jax.tree_util.tree_leaves(
+      params, is_leaf=lambda v: isinstance(v, nnx.Variable)) if isinstance(v, nnx.Variable)]
+  marked = []
+  try:
+    for variable in variables:
+      path = path_of(variable.get_value())
+      if path is not None:
+        variable.set_metadata(_PATH_KEY, path)
+        marked.append(variable)
+    yield
+  finally:
+    for variable in marked:
+      metadata = variable.get_metadata()
+      metadata.pop(_PATH_KEY, None)
+      variable.set_metadata(metadata)
 
 
 def describe(module: nnx.Module) -> str:
