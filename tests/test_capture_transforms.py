@@ -612,6 +612,7 @@ def test_nnx_layer_inside_a_transform_with_pure_dict_params_is_skipped(module, n
 
 
 @pytest.mark.slow
+@pytest.mark.compat
 def test_remat_captures_under_shard_map_are_each_devices_own():
   num_devices = 2
   x, t = normal_batch(BATCH, 3, 2, seed=25)

@@ -102,6 +102,7 @@ def wait_for_workers(procs, deadline):
 
 
 @pytest.mark.slow
+@pytest.mark.compat
 def test_two_processes_match_single_device(tmp_path):
   procs, logs = start_workers(tmp_path)
   deadline = time.monotonic() + TIMEOUT_S

@@ -411,6 +411,7 @@ print(len([l for l in layers if "stacked" in l.kind]), "stacked layers")
 
 
 @pytest.mark.slow
+@pytest.mark.compat
 def test_scanned_transformer_decomposes_without_deadlock():
   # Its many batched decompositions (blocks of stacked layers and norms) once
   # hung jaxlib's CPU LAPACK kernels, which wait on XLA's thread pool: a
