@@ -302,7 +302,7 @@ def _trace_label(trace) -> str:
   frame = getattr(trace, "frame", None)
   traced_for = getattr(getattr(frame, "debug_info", None), "traced_for", None)
   if traced_for:
-    return str(traced_for)
+    return _PARTIAL_EVAL if traced_for == _FLAX_LOOK_AHEAD else str(traced_for)
   kind = type(trace).__name__
   return {"BatchTrace": "vmap", "JaxprTrace": _PARTIAL_EVAL}.get(kind, kind)
 
@@ -310,7 +310,10 @@ def _trace_label(trace) -> str:
 # nn.scan traces its body once by partial evaluation before the scan, to
 # check which outputs are loop invariants, and drops the layer outputs of
 # that trace: calls under it are ignored when the layer has other calls.
+# jax 0.9-0.10 give that trace no debug info (a bare JaxprTrace); jax 0.11.2
+# (with flax 0.12.10) makes it a DynamicJaxprTrace named by flax.
 _PARTIAL_EVAL = "partial evaluation"
+_FLAX_LOOK_AHEAD = "flax scan"
 
 
 def _nested_reason(labels) -> tuple[str, bool]:
