@@ -17,6 +17,7 @@ optimizer; this measures what the scan changes:
 
   python benchmarks/scan.py
   python benchmarks/scan.py --blocks 2 8 --steps 40
+  python benchmarks/scan.py --blocks 4 --d-model 512 --heads 8 --context 256  # accelerator-sized
 
 On CPU the absolute times mean little: read the ratios.
 """
@@ -106,21 +107,27 @@ def main(argv=None):
   parser.add_argument("--blocks", type=int, nargs="+", default=[2, 8])
   parser.add_argument("--steps", type=int, default=31)
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--d-model", type=int, default=transformer.D_MODEL)
+  parser.add_argument("--heads", type=int, default=transformer.HEADS)
+  parser.add_argument("--context", type=int, default=transformer.CONTEXT,
+                      help="characters per window (default %(default)s)")
+  parser.add_argument("--batch", type=int, default=transformer.BATCH_SIZE,
+                      help="windows per batch (default %(default)s)")
   args = parser.parse_args(argv)
   rng = np.random.default_rng(args.seed)
-  batches = [tuple(jnp.asarray(rng.integers(0, VOCAB, (transformer.BATCH_SIZE,
-                                                       transformer.CONTEXT)), jnp.int32)
+  batches = [tuple(jnp.asarray(rng.integers(0, VOCAB, (args.batch, args.context)), jnp.int32)
                    for _ in range(2)) for _ in range(args.steps)]
-  print(f"jax {jax.__version__}, {jax.default_backend()}; batch {transformer.BATCH_SIZE} x "
-        f"{transformer.CONTEXT}, d {transformer.D_MODEL}; {args.steps} steps, a decomposition "
-        f"every {INV_EVERY}")
+  size = dict(d_model=args.d_model, heads=args.heads, context=args.context)
+  print(f"jax {jax.__version__}, {jax.default_backend()}; batch {args.batch} x "
+        f"{args.context}, d {args.d_model}, {args.heads} heads; {args.steps} steps, a "
+        f"decomposition every {INV_EVERY}")
   header = (f"{'blocks':>6}  {'model':<8}  {'optimizer':<13}  {'compile s':>9}  "
             f"{'step ms':>8}  {'decompose ms':>12}  {'x AdamW':>7}")
   print(header)
   print("-" * len(header))
   for blocks in args.blocks:
-    scanned = transformer.Transformer(vocab=VOCAB, blocks=blocks, scan=True)
-    unrolled = transformer.Transformer(vocab=VOCAB, blocks=blocks)
+    scanned = transformer.Transformer(vocab=VOCAB, blocks=blocks, scan=True, **size)
+    unrolled = transformer.Transformer(vocab=VOCAB, blocks=blocks, **size)
     stacked = scanned.init(jax.random.key(args.seed), batches[0][0])["params"]
     models = {"unrolled": (unrolled, unrolled_params(stacked, blocks)),
               "scan": (scanned, stacked)}
