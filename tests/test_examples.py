@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -138,3 +139,28 @@ def test_transformer_quick(tmp_path):
     assert math.isfinite(row["final_train_loss"]) and math.isfinite(row["final_test_loss"])
   # the registry the run used is recorded, and K-FAC preconditioned some of it
   assert report["config"]["registered"] and isinstance(report["config"]["skipped"], list)
+
+
+@pytest.mark.slow
+def test_scan_benchmark_runs_and_both_models_agree():
+  out = run_script(os.path.join("benchmarks", "scan.py"), "--blocks", "2", "--steps", "3",
+                   "--d-model", "16", "--heads", "2", "--context", "8", "--batch", "4")
+  rows = {tuple(line.split()[:3]) for line in out.splitlines() if line.split()[:1] == ["2"]}
+  assert rows == {("2", model, optimizer) for model in ("unrolled", "scan")
+                  for optimizer in ("adamw", "kaisa")}, out
+  # The same optimizer on the same network, scanned or not: 3 steps from the
+  # same parameters leave float32 rounding only (3e-4 measured at d 32).
+  gap = float(out.split("differ by at most ")[1].split()[0])
+  assert gap < 1e-2, out
+
+
+@pytest.mark.slow
+def test_decompose_benchmark_is_accurate_where_it_runs():
+  out = run_script(os.path.join("benchmarks", "decompose.py"), "--sizes", "8", "24",
+                   "--batch", "2", "--repeats", "1")
+  rows = [line for line in out.splitlines() if line.split()[:1] in (["8"], ["24"])]
+  assert len(rows) == 4, out  # each size, one matrix and a batch
+  for row in rows:
+    errors = [float(e) for e in re.findall(r"\(\s*([-+.e0-9]+)\)", row)]
+    # the default eigh, QR and Cholesky run everywhere; float32 against float64
+    assert len(errors) >= 3 and max(errors) < 1e-3, row
