@@ -22,8 +22,8 @@ from kaisa_jax._src.factors import LayerFactors
 from kaisa_jax._src.fisher import sampled_fisher_loss
 from kaisa_jax._src.layers import FactorShape, LayerRegistry
 from kaisa_jax._src.placement import LayerPlacement, Placement
-from kaisa_jax._src.transform import (AccumulationState, KaisaState, convert_state, kaisa,
-                                      placement, state_specs)
+from kaisa_jax._src.state import AccumulationState, KaisaState, convert_state, state_specs
+from kaisa_jax._src.transform import kaisa, placement
 
 __version__ = "0.1.0"
 

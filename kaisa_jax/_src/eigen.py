@@ -8,8 +8,9 @@ For a layer with gradient matrix ∇ (g_size, a_size):
   of the second moment of the per-row gradients in the Kronecker eigenbasis
   in place of ``dG dAᵀ``: ``P = QG [(QGᵀ ∇ QA) / (S + damping)] QAᵀ``.
 
-Layers with several blocks carry a leading blocks axis on every array and
-are preconditioned block by block. A diagonal A (Embed) is its own
+Everything here works on a group's stack (``groups.py``): every array carries
+a leading blocks axis, and the blocks are decomposed and preconditioned
+independently, in one call per stack. A diagonal A (Embed) is its own
 eigendecomposition: ``QA`` is the identity and is not stored (None).
 """
 
@@ -20,10 +21,11 @@ from typing import NamedTuple, Optional, Union
 import jax
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
+import numpy as np
 from jax import lax
 
 from kaisa_jax._src import factors as factors_lib
-from kaisa_jax._src import layers as layers_lib
+from kaisa_jax._src import groups as groups_lib
 
 
 class Eigen(NamedTuple):
@@ -85,38 +87,46 @@ def _eigh(factor: jax.Array, dtype):
 
 def _damped_inverse(factor: jax.Array, damping, dtype) -> jax.Array:
   m = factor.astype(dtype)
-  if m.ndim == 1:
-    return 1 / (m + damping)
   eye = jnp.broadcast_to(jnp.eye(m.shape[-1], dtype=dtype), m.shape)
   return jsl.cho_solve((jnp.linalg.cholesky(m + damping * eye), True), eye)
 
 
-def decompose_factor(factor: jax.Array, damping, method: str, dtype) -> tuple:
-  """One factor's share of a decomposition, in ``dtype``.
+def decompose_factor(stack: jax.Array, diagonal: bool, damping, method: str, dtype) -> tuple:
+  """One stack of factor blocks' share of a decomposition, in ``dtype``.
 
-  'eigen': (eigenvectors (n, n), eigenvalues (n,) clamped at 0), or
-  (eigenvalues,) for a diagonal (n,) factor; 'inverse': ((factor + damping
-  I)⁻¹,). Blocks (a leading axis) are decomposed independently. What an
-  inverse worker computes and sends.
+  Args:
+    stack: (blocks, n, n) factor blocks, or (blocks, n) diagonals.
+    diagonal: the blocks are diagonals.
+    damping: γ, used by 'inverse' only.
+    method: 'eigen' / 'ekfac' or 'inverse'.
+    dtype: ``inv_dtype``.
+
+  Returns:
+    'eigen': (eigenvectors (blocks, n, n), eigenvalues (blocks, n) clamped
+    at 0), or (eigenvalues,) for diagonals; 'inverse': ((stack + γI)⁻¹,).
+    What an inverse worker computes and sends.
   """
-  if factor.ndim == 3 and jax.default_backend() == "cpu":
+  if diagonal:
+    values = stack.astype(dtype)
+    return (1 / (values + damping),) if method == "inverse" else (jnp.maximum(values, 0),)
+  if stack.shape[0] > 1 and jax.default_backend() == "cpu":
     # jaxlib's CPU LAPACK kernels split a batch over XLA's intra-op thread
     # pool and block until its pieces are done: as many batched
     # decompositions running at once as the pool has threads deadlock
     # (measured: two on a 2-core machine, jax 0.10). One block at a time
-    # instead, in a loop XLA runs sequentially.
-    return lax.map(lambda block: decompose_factor(block, damping, method, dtype), factor)
+    # instead, in a loop XLA runs sequentially: one op per stack.
+    return lax.map(lambda block: tuple(
+        part[0] for part in decompose_factor(block[None], False, damping, method, dtype)),
+        stack)
   if method == "inverse":
-    return (_damped_inverse(factor, damping, dtype),)
-  if factor.ndim == 1:
-    return (jnp.maximum(factor.astype(dtype), 0),)
-  vals, vecs = _eigh(factor, dtype)
+    return (_damped_inverse(stack, damping, dtype),)
+  vals, vecs = _eigh(stack, dtype)
   return vecs, vals
 
 
 def assemble(a_parts: tuple, g_parts: tuple, damping, method: str,
              outer: bool) -> Decomposition:
-  """A layer's decomposition from its A and G shares (``decompose_factor``)."""
+  """A stack's decomposition from its A and G shares (``decompose_factor``)."""
   if method == "inverse":
     return Inverse(a_parts[0], g_parts[0])
   a_vecs, a_vals = a_parts if len(a_parts) == 2 else (None, a_parts[0])
@@ -129,10 +139,16 @@ def assemble(a_parts: tuple, g_parts: tuple, damping, method: str,
 
 
 def decompose(f: factors_lib.LayerFactors, damping, method: str, outer: bool,
-              dtype) -> Decomposition:
-  """Decomposes one layer's factors in ``dtype`` (``inv_dtype``)."""
-  return assemble(decompose_factor(f.a_factor, damping, method, dtype),
-                  decompose_factor(f.g_factor, damping, method, dtype),
+              dtype, a_diagonal: bool = False) -> Decomposition:
+  """Decomposes stacked factors, (blocks, n, n) each, in ``dtype`` (``inv_dtype``).
+
+  Example:
+    >>> f = LayerFactors(jnp.eye(3)[None], jnp.eye(2)[None])
+    >>> decompose(f, 1e-3, "eigen", True, jnp.float32).inv_eigval_outer.shape
+    (1, 2, 3)
+  """
+  return assemble(decompose_factor(f.a_factor, a_diagonal, damping, method, dtype),
+                  decompose_factor(f.g_factor, False, damping, method, dtype),
                   damping, method, outer)
 
 
@@ -145,51 +161,85 @@ def decomposition_type(method: str, outer: bool) -> type:
   return EigenOuter if outer else Eigen
 
 
-def field_shapes(kind: type, a: layers_lib.FactorShape,
-                 g: layers_lib.FactorShape) -> list[Optional[tuple[int, ...]]]:
-  """The shape of each field of a ``kind`` decomposition (None: not stored)."""
+def field_shapes(kind: type, group: groups_lib.LayerGroup,
+                 blocks: int) -> list[Optional[tuple[int, ...]]]:
+  """The shape of each field of a ``kind`` decomposition of ``blocks`` of ``group``.
+
+  None for a field that is not stored (the eigenvectors of a diagonal A).
+  """
+  a, g = group.a_stack_shape(blocks), group.g_stack_shape(blocks)
   shapes = {
-      "a_eigvecs": None if a.diagonal else a.shape,
-      "g_eigvecs": g.shape,
-      "a_eigvals": a.shape if a.diagonal else a.shape[:-1],
-      "g_eigvals": g.shape[:-1],
-      "inv_eigval_outer": g.shape[:-1] + (a.size,),
-      "scaling": g.shape[:-1] + (a.size,),
-      "a_inv": a.shape,
-      "g_inv": g.shape,
+      "a_eigvecs": None if group.a_diagonal else a,
+      "g_eigvecs": g,
+      "a_eigvals": a if group.a_diagonal else a[:-1],
+      "g_eigvals": g[:-1],
+      "inv_eigval_outer": group.grad_stack_shape(blocks),
+      "scaling": group.grad_stack_shape(blocks),
+      "a_inv": a,
+      "g_inv": g,
   }
   return [shapes[field] for field in kind._fields]
 
 
-def identity_decomposition(a: layers_lib.FactorShape, g: layers_lib.FactorShape, damping,
+def identity_decomposition(group: groups_lib.LayerGroup, blocks: int, damping,
                            method: str, outer: bool, dtype) -> Decomposition:
-  """The decomposition of identity factors, written down without any solve."""
-  if method == "inverse":
-    return Inverse(a.identity(dtype) / (1 + damping), g.identity(dtype) / (1 + damping))
+  """The decomposition of ``blocks`` identity factor blocks, written down without any solve."""
   kind = decomposition_type(method, outer)
-  fill = {"a_eigvecs": a.identity(dtype), "g_eigvecs": g.identity(dtype),
-          "inv_eigval_outer": 1 / (1 + damping), "scaling": 1}
-  return kind(*[None if shape is None else
-                jnp.broadcast_to(jnp.asarray(fill.get(field, 1), dtype), shape)
-                for field, shape in zip(kind._fields, field_shapes(kind, a, g))])
+  eye = lambda shape: jnp.broadcast_to(jnp.eye(shape[-1], dtype=dtype), shape)
+  ones = lambda shape: jnp.ones(shape, dtype)
+  fill = {"a_eigvecs": eye, "g_eigvecs": eye,
+          "a_inv": lambda s: (ones(s) if group.a_diagonal else eye(s)) / (1 + damping),
+          "g_inv": lambda s: eye(s) / (1 + damping),
+          "inv_eigval_outer": lambda s: ones(s) / (1 + damping)}
+  return kind(*[None if shape is None else fill.get(field, ones)(shape)
+                for field, shape in zip(kind._fields, field_shapes(kind, group, blocks))])
 
 
-def keep_if_finite(new: Decomposition, old: Decomposition):
-  """``(new, False)`` when every entry of ``new`` is finite, else ``(old, True)``."""
-  ok = factors_lib.all_finite(new)
-  kept = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-  return kept, jnp.logical_not(ok)
+def keep_finite_members(new: Decomposition, old: Decomposition,
+                        member_blocks: tuple[int, ...]):
+  """Per member (a run of blocks), ``new`` where all its entries are finite, else ``old``.
+
+  Args:
+    new, old: decompositions of the same stack of ``sum(member_blocks)`` blocks.
+    member_blocks: blocks of each member, in stack order.
+
+  Returns:
+    (kept, rejected): the decomposition, and the int32 count of members
+    whose new decomposition was rejected.
+  """
+  block_ok = jnp.stack([jnp.all(jnp.isfinite(x), axis=tuple(range(1, x.ndim)))
+                        for x in jax.tree.leaves(new)]).all(axis=0)  # (blocks,)
+  if any(b != 1 for b in member_blocks):
+    segments = np.repeat(np.arange(len(member_blocks)), member_blocks)
+    member_ok = jax.ops.segment_min(block_ok.astype(jnp.int32), segments,
+                                    num_segments=len(member_blocks)) > 0
+    block_ok = member_ok[segments]
+  else:
+    member_ok = block_ok
+  kept = jax.tree.map(
+      lambda n, o: jnp.where(block_ok.reshape((-1,) + (1,) * (n.ndim - 1)), n, o), new, old)
+  return kept, jnp.sum(jnp.logical_not(member_ok)).astype(jnp.int32)
 
 
 def precondition(d: Decomposition, grad: jax.Array, damping) -> jax.Array:
-  """The preconditioned gradient matrix, (g, a) in, (g, a) out, in d's dtype.
+  """The preconditioned gradient matrices of a stack, in d's dtype.
 
-  With several blocks both are (blocks, g, a).
+  Args:
+    d: the stack's decomposition.
+    grad: (blocks, g, a) gradient matrices.
+    damping: γ (unused by ``EigenOuter`` and ``Inverse``, whose damping was
+      fixed when decomposing).
+
+  Returns:
+    (blocks, g, a).
+
+  Example:
+    >>> p = precondition(decompose(f, 1e-3, "eigen", True, jnp.float32), grads, 1e-3)
   """
   grad = grad.astype(jax.tree.leaves(d)[0].dtype)
   if isinstance(d, Inverse):
     out = d.g_inv @ grad
-    return out * d.a_inv if d.a_inv.ndim == 1 else out @ d.a_inv
+    return out * d.a_inv[..., None, :] if d.a_inv.ndim == 2 else out @ d.a_inv
   v = _transpose(d.g_eigvecs) @ grad
   if d.a_eigvecs is not None:
     v = v @ d.a_eigvecs

@@ -13,18 +13,20 @@ import jax
 import jax.numpy as jnp
 
 from kaisa_jax._src import capture as capture_lib
+from kaisa_jax._src import groups as groups_lib
 from kaisa_jax._src import layers as layers_lib
 
 
 class LayerFactors(NamedTuple):
-  """The running Kronecker factors of one layer.
+  """Kronecker factors A and G: of one layer, or stacked for a layer group.
 
   Attributes:
-    a_factor: (a_size, a_size) activation covariance; (blocks, a_size,
-      a_size) for a layer with several blocks, (a_size,) when diagonal (see
-      ``layer.a_factor_shape``).
-    g_factor: (g_size, g_size) output-gradient covariance, or (blocks,
-      g_size, g_size).
+    a_factor: activation covariance. For one layer: (a_size, a_size);
+      (blocks, a_size, a_size) with several blocks, (a_size,) when diagonal
+      (``layer.a_factor_shape``). In ``KaisaState``, per group: (blocks,
+      a_size, a_size), or (blocks, a_size) when diagonal.
+    g_factor: output-gradient covariance, (g_size, g_size) or (blocks,
+      g_size, g_size) for one layer; (blocks, g_size, g_size) per group.
   """
   a_factor: jax.Array
   g_factor: jax.Array
@@ -37,9 +39,12 @@ def symmetrize(m: jax.Array) -> jax.Array:
   return (m + jnp.swapaxes(m, -1, -2)) / 2
 
 
-def identity_factors(layer: layers_lib.Layer, dtype) -> LayerFactors:
-  return LayerFactors(layer.a_factor_shape.identity(dtype),
-                      layer.g_factor_shape.identity(dtype))
+def identity_factors(group: groups_lib.LayerGroup, dtype) -> LayerFactors:
+  """A group's factors at the start: every block the identity (ones when diagonal)."""
+  eye = lambda n, shape: jnp.broadcast_to(jnp.eye(n, dtype=dtype), shape)
+  a = (jnp.ones(group.a_stack_shape(), dtype) if group.a_diagonal
+       else eye(group.a_size, group.a_stack_shape()))
+  return LayerFactors(a, eye(group.g_size, group.g_stack_shape()))
 
 
 def batch_factors(layer: layers_lib.Layer, capture: capture_lib.LayerCapture,
@@ -63,6 +68,41 @@ def batch_factors(layer: layers_lib.Layer, capture: capture_lib.LayerCapture,
     cov, rows = layer.g_stats(out_grads, dtype)
     g_sum, g_rows = g_sum + cov, g_rows + rows
   return LayerFactors(symmetrize(a_sum / a_rows), symmetrize(g_sum / g_rows))
+
+
+def group_batch_factors(group: groups_lib.LayerGroup, captures: dict, dtype,
+                        per_example: bool) -> LayerFactors:
+  """A and G of one batch for every member of ``group``, as its stacks.
+
+  Members with the same signature and capture shapes are computed in one
+  ``vmap`` over their stacked captures (``groups.stat_units``).
+
+  Args:
+    group: the group.
+    captures: layer name -> ``LayerCapture``.
+    dtype: ``factor_dtype``.
+    per_example: multiply G by B², B the leading axis of the first call's
+      input (``g_factor_scaling='per_example'``).
+
+  Returns:
+    ``LayerFactors`` of ``group.a_stack_shape()`` and ``group.g_stack_shape()``.
+  """
+  units = groups_lib.stat_units(group, lambda name: capture_shapes(captures[name]))
+
+  def one(layer, capture):
+    f = batch_factors(layer, capture, dtype)
+    if per_example:
+      f = f._replace(g_factor=f.g_factor * capture.inputs[0].shape[0] ** 2)
+    return f
+
+  return LayerFactors(*groups_lib.over_units(
+      group, units, one, lambda layer: (captures[layer.name],),
+      (group.a_block_shape, group.g_block_shape)))
+
+
+def capture_shapes(capture: capture_lib.LayerCapture) -> tuple:
+  """A hashable description of a capture's calls: their shapes and dtypes."""
+  return tuple((tuple(x.shape), str(x.dtype)) for x in jax.tree.leaves(capture))
 
 
 def running_average(old: LayerFactors, new: LayerFactors, decay) -> LayerFactors:

@@ -22,10 +22,15 @@ eigen data, up to that padding.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Sequence
 
+import jax
+
+from kaisa_jax._src import collectives
 from kaisa_jax._src import eigen as eigen_lib
+from kaisa_jax._src import groups as groups_lib
 from kaisa_jax._src import layers as layers_lib
 
 COST_MODELS = ("compute", "memory")
@@ -75,12 +80,14 @@ class Placement:
     num_devices: N.
     grad_workers: devices per layer that hold its eigen data (grid rows).
     layers: one ``LayerPlacement`` per layer, in registry order.
+    groups: the layer groups (``LayerGroup``) whose stacks the state keeps.
     compute_method, eigenvalue_outer_product, symmetric_factors,
     factor_itemsize, inv_itemsize: what the byte counts assume.
   """
   num_devices: int
   grad_workers: int
   layers: tuple[LayerPlacement, ...]
+  groups: tuple[groups_lib.LayerGroup, ...] = ()
   compute_method: str = "eigen"
   eigenvalue_outer_product: bool = True
   symmetric_factors: bool = True
@@ -118,45 +125,181 @@ class Placement:
     """The column's layers, in registry order (their order in the packed buffer)."""
     return tuple(l for l in self.layers if l.column == column)
 
+  # ------------------------------------------------------- group layout
+
+  def placed(self, name: str) -> LayerPlacement:
+    return self._by_name[name]
+
+  @functools.cached_property
+  def _by_name(self) -> dict:
+    return {l.name: l for l in self.layers}
+
+  def group_of(self, name: str) -> groups_lib.LayerGroup:
+    """The group that holds layer ``name``."""
+    return next(g for g in self.groups if name in g.names)
+
+  def _blocks_where(self, group: groups_lib.LayerGroup, held) -> tuple[int, ...]:
+    return tuple(i for l in group.layers if held(self.placed(l.name))
+                 for i in group.block_range(l.name))
+
+  def column_blocks(self, column: int, group: groups_lib.LayerGroup) -> tuple[int, ...]:
+    """The blocks of ``group``'s stack whose layers ``column`` holds, in stack order."""
+    return self._blocks_where(group, lambda p: p.column == column)
+
+  def column_member_blocks(self, column: int, group: groups_lib.LayerGroup) -> tuple[int, ...]:
+    """Blocks of each of ``group``'s members that ``column`` holds, in stack order."""
+    return tuple(l.blocks for l in group.layers if self.placed(l.name).column == column)
+
+  def worker_blocks(self, device: int, group: groups_lib.LayerGroup,
+                    which: str) -> tuple[int, ...]:
+    """The blocks of ``group`` whose A (``which='a'``) or G ``device`` decomposes."""
+    worker = lambda p: p.a_worker if which == "a" else p.g_worker
+    return self._blocks_where(group, lambda p: worker(p) == device)
+
+  def share_shapes(self, group: groups_lib.LayerGroup, which: str,
+                   blocks: int) -> list[tuple[int, ...]]:
+    """Shapes of one decomposition share (``eigen.decompose_factor``) of ``blocks`` blocks."""
+    diagonal = which == "a" and group.a_diagonal
+    stack = group.a_stack_shape(blocks) if which == "a" else group.g_stack_shape(blocks)
+    if self.compute_method == "inverse" or diagonal:
+      return [stack]
+    return [stack, stack[:-1]]
+
+  def stored_shapes(self, group: groups_lib.LayerGroup, blocks: int) -> list:
+    """Shapes of the fields of a decomposition of ``blocks`` blocks (None: not stored)."""
+    kind = eigen_lib.decomposition_type(self.compute_method, self.eigenvalue_outer_product)
+    return eigen_lib.field_shapes(kind, group, blocks)
+
+  def _stored_words(self, group: groups_lib.LayerGroup, blocks: int) -> int:
+    return sum(math.prod(s) for s in self.stored_shapes(group, blocks) if s is not None)
+
   def local_words(self) -> int:
     """Length of a device's packed eigen data (the largest column's), with several columns."""
-    per_column = [0] * self.num_columns
+    return max(sum(self._stored_words(g, len(self.column_blocks(j, g))) for g in self.groups)
+               for j in range(self.num_columns))
+
+  # ------------------------------------------------- the state's layout
+
+  def pack_column(self, column: int, decompositions: dict, dtype):
+    """A device's eigen data: its column's share of each group, packed and padded.
+
+    Args:
+      column: the device's grad-worker group.
+      decompositions: group name -> the decomposition of the column's blocks
+        (``column_blocks``), for every group with blocks in the column.
+      dtype: ``inv_dtype``.
+
+    Returns:
+      (local_words(),) vector.
+    """
+    leaves = [x for g in self.groups if self.column_blocks(column, g)
+              for x in decompositions[g.name] if x is not None]
+    return collectives.pad_to(collectives.pack(leaves, dtype), self.local_words())
+
+  def unpack_column(self, column: int, packed) -> dict:
+    """The inverse of ``pack_column``: {group name: decomposition of the column's blocks}."""
+    kind = eigen_lib.decomposition_type(self.compute_method, self.eigenvalue_outer_product)
+    held = [(g, self.stored_shapes(g, len(self.column_blocks(column, g))))
+            for g in self.groups if self.column_blocks(column, g)]
+    pieces = iter(collectives.unpack(
+        packed, [s for _, shapes in held for s in shapes if s is not None]))
+    return {g.name: kind(*[None if s is None else next(pieces) for s in shapes])
+            for g, shapes in held}
+
+  def group_decompositions(self, state) -> dict:
+    """{group name: decomposition of its whole stack} from a state laid out for this plan.
+
+    ``state`` is a ``KaisaState`` as one device or shard_map's global view
+    holds it (``local_decompositions`` of every device end to end).
+    """
+    if self.num_columns == 1:
+      if set(state.decompositions) != {g.name for g in self.groups}:
+        raise ValueError(
+            f"the state's decompositions ({sorted(state.decompositions)}) do not match "
+            f"this placement's groups ({[g.name for g in self.groups]}).")
+      return dict(state.decompositions)
+    local, width = state.local_decompositions, self.local_words()
+    if local is None or local.shape != (self.num_devices * width,):
+      raise ValueError(
+          f"local_decompositions has shape {None if local is None else local.shape}, "
+          f"this placement needs ({self.num_devices * width},): pass the state as "
+          "shard_map returns it (global arrays) with the placement of that run.")
+    rows = local.reshape(self.num_devices, width)
+    per_column = [self.unpack_column(j, rows[members[0]])
+                  for j, members in enumerate(self.columns)]
+    out = {}
+    for g in self.groups:
+      held = [j for j in range(self.num_columns) if self.column_blocks(j, g)]
+      out[g.name] = jax.tree.map(
+          lambda *pieces: groups_lib.in_order(pieces, [self.column_blocks(j, g) for j in held]),
+          *[per_column[j][g.name] for j in held])
+    return out
+
+  def layer_factors(self, state) -> dict:
+    """{layer name: its running ``LayerFactors``}, in the layer's own shapes.
+
+    The state keeps each group's factors as one stack; this reads them back
+    per layer: (a, a) and (g, g), with a leading blocks axis for a layer of
+    several blocks, (a,) for a diagonal A.
+
+    Example:
+      >>> plan = kaisa_jax.placement(layers, num_devices=1)
+      >>> plan.layer_factors(opt_state[0])["Dense_0"].a_factor.shape
+      (65, 65)
+    """
+    return {l.name: type(f)(*(self._per_layer(l.name, x, shape) for x, shape in zip(
+                f, (l.a_shape.shape, l.g_shape.shape))))
+            for l in self.layers
+            for f in [state.factors[self.group_of(l.name).name]]}
+
+  def layer_decompositions(self, state) -> dict:
+    """{layer name: its latest decomposition}, in the layer's own shapes.
+
+    Fields as ``Eigen`` / ``EigenOuter`` / ``EigenCorrected`` / ``Inverse``
+    describe them for one layer: no blocks axis for a layer of one block.
+    Reads the device-local eigen data too (``group_decompositions``).
+    """
+    groups = self.group_decompositions(state)
+    out = {}
     for l in self.layers:
-      per_column[l.column] += self.stored_words(l)
-    return max(per_column)
+      d = groups[self.group_of(l.name).name]
+      out[l.name] = type(d)(*[None if x is None else self._per_layer(l.name, x)
+                              for x in d])
+    return out
+
+  def _per_layer(self, name: str, stack, shape=None):
+    """Layer ``name``'s blocks of a group ``stack``, without the blocks axis for one block."""
+    group = self.group_of(name)
+    blocks = stack[group.block_range(name).start:group.block_range(name).stop]
+    if shape is not None:
+      return blocks.reshape(shape)
+    return blocks[0] if blocks.shape[0] == 1 else blocks
 
   # ------------------------------------------------------------- byte counts
 
-  def _decomposition_words(self, factor: layers_lib.FactorShape) -> int:
-    """Words one factor's decomposition sends: eigenvectors (+ values) or inverse."""
-    return sum(math.prod(s) for s in factor.decomposition_shapes(self.compute_method))
-
-  def stored_words(self, layer: LayerPlacement) -> int:
-    """Words a layer's decomposition keeps in the state."""
-    kind = eigen_lib.decomposition_type(self.compute_method, self.eigenvalue_outer_product)
-    return sum(math.prod(shape) for shape in eigen_lib.field_shapes(kind, layer.a_shape, layer.g_shape)
-               if shape is not None)
+  def stored_words(self, a_size: int, g_size: int, a_diagonal: bool = False,
+                   blocks: int = 1) -> int:
+    """Words a decomposition of ``blocks`` (g_size, a_size) blocks keeps in the state."""
+    group = groups_lib.LayerGroup("", a_size, g_size, a_diagonal, ())
+    return self._stored_words(group, blocks)
 
   def outbox_words(self) -> int:
     """Length of the decomposition-step buffer every device sends (the largest)."""
-    per_device = [0] * self.num_devices
-    for l in self.layers:
-      per_device[l.a_worker] += self._decomposition_words(l.a_shape)
-      per_device[l.g_worker] += self._decomposition_words(l.g_shape)
-    return max(per_device)
+    return max(sum(math.prod(s) for g in self.groups for which in "ag"
+                   for s in self.share_shapes(g, which, len(self.worker_blocks(d, g, which))))
+               for d in range(self.num_devices))
 
   def gradient_words(self) -> int:
     """Length of the ordinary-step buffer every device sends (the largest column)."""
-    per_column = [0] * self.num_columns
-    for l in self.layers:
-      per_column[l.column] += l.grad_words
-    return max(per_column)
+    return max(sum(len(self.column_blocks(j, g)) * g.g_size * g.a_size for g in self.groups)
+               for j in range(self.num_columns))
 
   def device_bytes(self) -> list[dict]:
     """Per device: bytes of the factors and of the eigen data in its state."""
-    factors = sum(l.a_shape.words + l.g_shape.words for l in self.layers) * self.factor_itemsize
+    factors = sum(math.prod(g.a_stack_shape()) + math.prod(g.g_stack_shape())
+                  for g in self.groups) * self.factor_itemsize
     if self.num_columns == 1:
-      eigen = sum(self.stored_words(l) for l in self.layers)
+      eigen = sum(self._stored_words(g, g.blocks) for g in self.groups)
     else:
       eigen = self.local_words()
     eigen *= self.inv_itemsize
@@ -186,9 +329,8 @@ class Placement:
             "group_size": n, "bytes": None, "registered_bytes": registered},
            {"step": "factor step", "op": "all-reduce", "what": "batch factors (mean)",
             "group_size": n,
-            "bytes": sum(l.a_shape.packed_words(self.symmetric_factors)
-                         + l.g_shape.packed_words(self.symmetric_factors)
-                         for l in self.layers) * self.factor_itemsize}]
+            "bytes": sum(self._packed_factor_words(g) for g in self.groups)
+                     * self.factor_itemsize}]
 
     def gathering(step, what, group_size, width):
       return {"step": step, "op": "all-gather", "what": what, "group_size": group_size,
@@ -204,15 +346,21 @@ class Placement:
                            self.num_columns, self.gradient_words()))
     return out
 
+  def _packed_factor_words(self, group: groups_lib.LayerGroup) -> int:
+    """Words a group's factors send in a Factor-Reduce (upper triangles when symmetric)."""
+    tri = lambda n: n * (n + 1) // 2 if self.symmetric_factors else n * n
+    a = group.a_size if group.a_diagonal else tri(group.a_size)
+    return group.blocks * (a + tri(group.g_size))
+
   def table(self) -> str:
     """The plan as text: per layer, per device, per collective."""
     c = self.num_columns
     lines = [f"KAISA placement: {self.num_devices} devices, {self.grad_workers} grad "
              f"worker(s) per layer ({self.strategy}), {c} grad-worker group(s)"]
-    rows = [("layer", "A size", "G size", "A worker", "G worker", "grad workers")]
+    rows = [("layer", "A size", "G size", "group", "A worker", "G worker", "grad workers")]
     for l in self.layers:
-      rows.append((l.name, str(l.a_shape), str(l.g_shape), str(l.a_worker), str(l.g_worker),
-                   ",".join(map(str, self.columns[l.column]))))
+      rows.append((l.name, str(l.a_shape), str(l.g_shape), self.group_of(l.name).name,
+                   str(l.a_worker), str(l.g_worker), ",".join(map(str, self.columns[l.column]))))
     lines += _format(rows)
     lines.append("")
     rows = [("device", "factor bytes", "eigen bytes", "decomposes")]
@@ -305,6 +453,7 @@ def plan(layers: Sequence[layers_lib.Layer], num_devices: int, grad_worker_frac:
     assigned[i] = (column, a_worker, g_worker)
   placed = tuple(LayerPlacement(l.name, l.a_factor_shape, l.g_factor_shape, *assigned[i])
                  for i, l in enumerate(layers))
-  return Placement(num_devices, grad_workers, placed, compute_method,
+  return Placement(num_devices, grad_workers, placed, groups_lib.group_layers(tuple(layers)),
+                   compute_method,
                    bool(eigenvalue_outer_product), bool(symmetric_factors),
                    factor_itemsize, inv_itemsize)
