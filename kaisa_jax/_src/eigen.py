@@ -31,9 +31,10 @@ from kaisa_jax._src import groups as groups_lib
 class Eigen(NamedTuple):
   """Eigenbases and eigenvalues; damping is added when preconditioning.
 
-  Shapes: a_eigvecs (a, a), g_eigvecs (g, g), a_eigvals (a,), g_eigvals (g,),
-  each with a leading blocks axis for a layer with several blocks;
-  a_eigvecs is None when A is diagonal.
+  Shapes, for a stack of b blocks: a_eigvecs (b, a, a), g_eigvecs (b, g, g),
+  a_eigvals (b, a), g_eigvals (b, g); a_eigvecs is None when A is diagonal.
+  (``Placement.layer_decompositions`` shows one layer's without the blocks
+  axis when it has one block.)
   """
   a_eigvecs: Optional[jax.Array]
   g_eigvecs: jax.Array
@@ -44,8 +45,8 @@ class Eigen(NamedTuple):
 class EigenOuter(NamedTuple):
   """Eigenbases and ``1 / (dG dAᵀ + damping)`` formed at decomposition time.
 
-  Shapes: a_eigvecs (a, a) (None when A is diagonal), g_eigvecs (g, g),
-  inv_eigval_outer (g, a); with a leading blocks axis for several blocks.
+  Shapes, for b blocks: a_eigvecs (b, a, a) (None when A is diagonal),
+  g_eigvecs (b, g, g), inv_eigval_outer (b, g, a).
   """
   a_eigvecs: Optional[jax.Array]
   g_eigvecs: jax.Array
@@ -65,8 +66,8 @@ class EigenCorrected(NamedTuple):
 
 
 class Inverse(NamedTuple):
-  """Damped inverses: a_inv (a, a) = (A + damping I)⁻¹ ((a,) when A is
-  diagonal), g_inv (g, g); with a leading blocks axis for several blocks."""
+  """Damped inverses, for b blocks: a_inv (b, a, a) = (A + damping I)⁻¹
+  ((b, a) when A is diagonal), g_inv (b, g, g)."""
   a_inv: jax.Array
   g_inv: jax.Array
 

@@ -17,6 +17,14 @@ With more than one column a device keeps only its column's eigen data, packed
 into one flat buffer; every device's buffer has the length of the largest
 column's (SPMD needs one shape), so a device holds about f of COMM-OPT's
 eigen data, up to that padding.
+
+The state keeps each layer group (``groups.py``) as one stack of blocks, so
+placement is per layer but work is per group: a device decomposes the
+blocks of each group it owns as one sub-stack, and a column keeps and
+preconditions its layers' blocks of each group as one sub-stack
+(``column_blocks``, ``worker_blocks``). The plan also owns that layout:
+``pack_column`` / ``unpack_column`` for the device-local buffer, and
+``layer_factors`` / ``layer_decompositions`` to read a state per layer.
 """
 
 from __future__ import annotations
