@@ -212,7 +212,8 @@ def eigen_floor(plan) -> dict:
   buffer has the fullest column's length); ``granularity``: max(even,
   largest layer), the least that whole layers allow.
   """
-  per_layer = [plan.stored_words(l.a_size, l.g_size) * plan.inv_itemsize for l in plan.layers]
+  per_layer = [plan.stored_words(l.a_size, l.g_size, l.a_shape.diagonal, l.a_shape.blocks)
+               * plan.inv_itemsize for l in plan.layers]
   per_column = [0] * plan.num_columns
   for l, b in zip(plan.layers, per_layer):
     per_column[l.column] += b

@@ -65,7 +65,8 @@ def main(argv=None):
   loss_fn = digits.make_loss(model)
   init_params = model.init(jax.random.key(args.seed), data["x_train"][:1])["params"]
   x0, y0 = data["x_train"][batches[0]], data["y_train"][batches[0]]
-  opt = digits.make_optimizer("kaisa + sgd", kaisa_jax.find_layers(loss_fn, init_params, x0, y0))
+  layers = kaisa_jax.find_layers(loss_fn, init_params, x0, y0)
+  opt = digits.make_optimizer("kaisa + sgd", layers)
   step_fn = jax.jit(digits.make_train_step(loss_fn, opt, uses_captures=True))
 
   # The reference: one uninterrupted run.
@@ -89,8 +90,11 @@ def main(argv=None):
       restored = manager.restore(resume_from, args=ocp.args.StandardRestore(
           jax.tree.map(ocp.utils.to_shape_dtype_struct, template)))
   kfac_state = restored["opt_state"][0]
+  # The state keeps the factors per group of same-shape layers; the plan reads them per layer.
+  plan = kaisa_jax.placement(layers, num_devices=1)
   print(f"restored step {resume_from}: KaisaState.step = {int(kfac_state.step)}, "
-        f"layers {sorted(kfac_state.factors)}")
+        f"layers {sorted(plan.layer_factors(kfac_state))} "
+        f"(factor groups {sorted(kfac_state.factors)})")
   resumed, _ = train(step_fn, restored["params"], restored["opt_state"], data, batches,
                      resume_from, args.steps)
 

@@ -10,6 +10,7 @@ import pytest
 from jax.tree_util import DictKey
 
 import kaisa_jax
+from layout import group_members, layer_factors
 from oracles import assert_close, np_kernel_matrix, np_patches, random_params
 
 
@@ -500,7 +501,10 @@ def test_masked_conv_is_skipped_and_must_be_listed():
   tx = kaisa_jax.kaisa(registry, skip_layers=("masked",), kl_clip=None)
   opt = optax.chain(tx, optax.sgd(1.0))
   state = jax.jit(opt.init)(params)
-  assert set(state[0].factors) == {"head"}
+  assert set(layer_factors(registry, state[0], skip_layers=("masked",))) == {"head"}
+  # One group in the state, the head's alone.
+  assert group_members(registry, skip_layers=("masked",)) == {"a37_g2": ("head",)}
+  assert set(state[0].factors) == {"a37_g2"}
 
   @jax.jit
   def step(params, state, x):

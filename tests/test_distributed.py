@@ -442,7 +442,9 @@ def test_convert_state_moves_a_pmap_state_from_8_to_4_devices(layers):
   for x, y in data[:2]:
     params, state = step8(params, state, x, y)
   state = kaisa_jax.convert_state(jax.device_get(state), plan8, plan4, stacked=True)
-  assert state[0].local_decompositions.shape[0] == 4
+  # One packed row of eigen data per device, as long as plan4's fullest column.
+  assert state[0].local_decompositions.shape == (4, plan4.local_words())
+  assert state[0].decompositions == {}
   params = jax.tree.map(lambda a: np.asarray(a)[:4], params)
   _, step4 = pmap_runner(layers, 4, 1 / 2, inv_update_steps=inv)
   trajectory = []

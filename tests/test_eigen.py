@@ -9,6 +9,7 @@ import pytest
 import kaisa_jax
 from kaisa_jax._src import eigen as eigen_lib
 from kaisa_jax._src import factors as factors_lib
+from layout import layer_decompositions, layer_factors
 from oracles import (assert_close, np_damped_inverse, np_kernel_from_matrix,
                      np_kernel_matrix, np_kron_solve, np_patches, np_same_pads,
                      random_params)
@@ -45,16 +46,33 @@ def _problem(seed, a_size=7, g_size=5, low=0.5, high=2.0):
 
 
 def _factors(a, g):
-  return factors_lib.LayerFactors(jnp.asarray(a), jnp.asarray(g))
+  """One layer's factors as a stack of one block each, as ``eigen.decompose`` takes them."""
+  return factors_lib.LayerFactors(jnp.asarray(a)[None], jnp.asarray(g)[None])
+
+
+def _decompose(a, g, damping, method, outer):
+  """``eigen.decompose`` of one (a, a) and one (g, g) factor, its blocks axis of 1 dropped."""
+  d = eigen_lib.decompose(_factors(a, g), damping, method, outer, jnp.float32)
+  for x in jax.tree.leaves(d):
+    assert x.shape[0] == 1
+  return jax.tree.map(lambda x: x[0], d)
+
+
+def _precondition(d, grad, damping):
+  """``eigen.precondition`` of one (g, a) gradient with a one-block decomposition."""
+  stacked = jax.tree.map(lambda x: x[None], d)
+  p = eigen_lib.precondition(stacked, jnp.asarray(grad)[None], damping)
+  assert p.shape[0] == 1
+  return p[0]
 
 
 @pytest.mark.parametrize("outer", [True, False])
 @pytest.mark.parametrize("damping", [1e-3, 1e-2, 1e-1])
 def test_eigen_precondition_matches_dense_kronecker_solve(outer, damping):
   a, g, grad = _problem(0)
-  d = eigen_lib.decompose(_factors(a, g), damping, "eigen", outer, jnp.float32)
+  d = _decompose(a, g, damping, "eigen", outer)
   assert isinstance(d, kaisa_jax.EigenOuter if outer else kaisa_jax.Eigen)
-  p = eigen_lib.precondition(d, jnp.asarray(grad), damping)
+  p = _precondition(d, jnp.asarray(grad), damping)
   assert p.shape == grad.shape and p.dtype == jnp.float32
   assert_close(p, np_kron_solve(g, a, grad, damping), rtol=1e-4)
   assert_close(p, _np_eigen_precondition(g, a, grad, damping), rtol=1e-4)
@@ -64,7 +82,7 @@ def test_eigen_precondition_matches_dense_kronecker_solve(outer, damping):
 def test_eigen_decomposition_contents(outer):
   a, g, _ = _problem(1)
   damping = 0.05
-  d = eigen_lib.decompose(_factors(a, g), damping, "eigen", outer, jnp.float32)
+  d = _decompose(a, g, damping, "eigen", outer)
   da = np.linalg.eigvalsh(a.astype(np.float64))
   dg = np.linalg.eigvalsh(g.astype(np.float64))
   for vecs, vals, m in ((d.a_eigvecs, da, a), (d.g_eigvecs, dg, g)):
@@ -84,23 +102,22 @@ def test_eigen_damping_taken_at_the_right_time():
   # Eigen adds the damping when preconditioning; EigenOuter fixed it when decomposing.
   a, g, grad = _problem(2)
   decompose_damping, precondition_damping = 0.2, 0.02
-  f = _factors(a, g)
-  plain = eigen_lib.decompose(f, decompose_damping, "eigen", False, jnp.float32)
-  outer = eigen_lib.decompose(f, decompose_damping, "eigen", True, jnp.float32)
-  assert_close(eigen_lib.precondition(plain, jnp.asarray(grad), precondition_damping),
+  plain = _decompose(a, g, decompose_damping, "eigen", False)
+  outer = _decompose(a, g, decompose_damping, "eigen", True)
+  assert_close(_precondition(plain, jnp.asarray(grad), precondition_damping),
                np_kron_solve(g, a, grad, precondition_damping), rtol=1e-4)
-  assert_close(eigen_lib.precondition(outer, jnp.asarray(grad), precondition_damping),
+  assert_close(_precondition(outer, jnp.asarray(grad), precondition_damping),
                np_kron_solve(g, a, grad, decompose_damping), rtol=1e-4)
 
 
 @pytest.mark.parametrize("damping", [1e-3, 1e-2, 1e-1])
 def test_inverse_precondition_matches_dense_kronecker_solve(damping):
   a, g, grad = _problem(3)
-  d = eigen_lib.decompose(_factors(a, g), damping, "inverse", False, jnp.float32)
+  d = _decompose(a, g, damping, "inverse", False)
   assert isinstance(d, kaisa_jax.Inverse)
   assert_close(d.a_inv, np_damped_inverse(a, damping), rtol=1e-5)
   assert_close(d.g_inv, np_damped_inverse(g, damping), rtol=1e-5)
-  p = eigen_lib.precondition(d, jnp.asarray(grad), damping)
+  p = _precondition(d, jnp.asarray(grad), damping)
   assert_close(p, _np_inverse_precondition(g, a, grad, damping), rtol=1e-4)
 
 
@@ -120,7 +137,7 @@ def test_negative_eigenvalues_are_clamped(outer):
   g = _with_spectrum(rng, [-0.02, 0.6, 1.1, 1.9, 2.5])
   grad = rng.normal(size=(5, 7)).astype(np.float32)
   damping = 0.1
-  d = eigen_lib.decompose(_factors(a, g), damping, "eigen", outer, jnp.float32)
+  d = _decompose(a, g, damping, "eigen", outer)
   if outer:
     assert np.all(np.asarray(d.inv_eigval_outer) <= np.float32(1 / damping) * (1 + 1e-6))
     assert np.all(np.asarray(d.inv_eigval_outer) > 0)
@@ -129,7 +146,7 @@ def test_negative_eigenvalues_are_clamped(outer):
     assert np.all(np.asarray(d.g_eigvals) >= 0)
     assert_close(d.a_eigvals, np.maximum(np.linalg.eigvalsh(a.astype(np.float64)), 0),
                  rtol=1e-5)
-  p = eigen_lib.precondition(d, jnp.asarray(grad), damping)
+  p = _precondition(d, jnp.asarray(grad), damping)
   # Oracle: the clamped (positive semi-definite part) factors, dense solve.
   clamp = lambda m: (lambda w, q: q @ np.diag(np.maximum(w, 0)) @ q.T)(
       *np.linalg.eigh(m.astype(np.float64)))
@@ -146,10 +163,10 @@ def test_rank_deficient_covariance(outer):
   g = _random_spd(rng, 4, 0.5, 2.0)
   grad = rng.normal(size=(4, 8)).astype(np.float32)
   damping = 0.1
-  d = eigen_lib.decompose(_factors(a, g), damping, "eigen", outer, jnp.float32)
+  d = _decompose(a, g, damping, "eigen", outer)
   if not outer:
     assert np.all(np.asarray(d.a_eigvals) >= 0)
-  p = eigen_lib.precondition(d, jnp.asarray(grad), damping)
+  p = _precondition(d, jnp.asarray(grad), damping)
   assert np.all(np.isfinite(np.asarray(p)))
   assert_close(p, np_kron_solve(g, a, grad, damping), rtol=1e-4)
 
@@ -176,8 +193,9 @@ def test_identity_decompositions_in_initial_state():
     tx = kaisa_jax.kaisa(layers, damping=damping, compute_method=method,
                          eigenvalue_outer_product=outer, kl_clip=None)
     state = tx.init(params)
-    d = state.decompositions["Dense_0"]
-    p = eigen_lib.precondition(d, jnp.asarray(grad), damping)
+    d = layer_decompositions(layers, state, compute_method=method,
+                             eigenvalue_outer_product=outer)["Dense_0"]
+    p = _precondition(d, jnp.asarray(grad), damping)
     eye_a, eye_g = np.eye(5), np.eye(3)
     if method == "eigen":
       expected = np_kron_solve(eye_g, eye_a, grad, damping)
@@ -316,6 +334,7 @@ def test_end_to_end_update(method, outer, conv_bias, clip):
         assert "bias" not in updates[name]
     np.testing.assert_array_equal(np.asarray(updates["scale"]), np.asarray(grads["scale"]))
     assert_close(updates["scale"], np_grads["scale"], rtol=1e-5)
+  factors = layer_factors(layers, state)
   for name, (fa, fg) in running.items():
-    assert_close(state.factors[name].a_factor, fa, rtol=1e-5)
-    assert_close(state.factors[name].g_factor, fg, rtol=1e-5)
+    assert_close(factors[name].a_factor, fa, rtol=1e-5)
+    assert_close(factors[name].g_factor, fg, rtol=1e-5)

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import kaisa_jax
+from layout import group_of, layer_factors
 from oracles import (assert_close, np_damped_inverse, np_kernel_matrix, np_kron_solve,
                      np_patches, random_params)
 
@@ -257,8 +258,14 @@ def test_embed_step_matches_oracle(method):
   name = layer.name
   # A is kept as its diagonal: a vector of token frequencies.
   counts = np.bincount(ids.ravel(), minlength=vocab)
-  assert state.factors[name].a_factor.shape == (vocab,)
-  assert_close(state.factors[name].a_factor, DECAY + (1 - DECAY) * counts / ids.size)
+  a_factor = layer_factors(registry, state)[name].a_factor
+  assert a_factor.shape == (vocab,)
+  assert_close(a_factor, DECAY + (1 - DECAY) * counts / ids.size)
+  # In the state: a group of diagonal A blocks, one block of (vocab,).
+  group = group_of(registry, name)
+  assert (group.name, group.names, group.a_diagonal) == (f"a{vocab}diag_g{features}", (name,),
+                                                         True)
+  assert state.factors[group.name].a_factor.shape == (1, vocab)
 
   a_rows = np.eye(vocab)[ids.ravel()]  # one-hot
   g_rows = _out_grads(module, params, ids, t).reshape(-1, features)
@@ -317,7 +324,12 @@ def test_grouped_conv_step_matches_oracle_block_by_block(case, method):
   k = int(np.prod(kwargs["kernel_size"]))
   (layer,) = registry.layers
   assert (layer.blocks, layer.a_size, layer.g_size) == (groups, c_in * k + use_bias, c_out)
-  assert state.factors[layer.name].a_factor.shape == (groups, c_in * k + use_bias,
+  assert layer_factors(registry, state)[layer.name].a_factor.shape == (
+      groups, c_in * k + use_bias, c_in * k + use_bias)
+  # In the state: the layer's blocks are its group's whole stack.
+  group = group_of(registry, layer.name)
+  assert (group.names, group.blocks) == ((layer.name,), groups)
+  assert state.factors[group.name].a_factor.shape == (groups, c_in * k + use_bias,
                                                       c_in * k + use_bias)
 
   out_grads = _out_grads(module, params, x, t)

@@ -122,6 +122,8 @@ def test_eigen_bytes_fall_with_the_fraction(method, outer, words):
     assert len(eigen) == 1
     eigen = eigen.pop()
     assert eigen == round(8 * frac) * words(16, 15) * 4
+    assert plan.stored_words(16, 15) == words(16, 15)
+    assert plan.stored_words(16, 15, blocks=8) == 8 * words(16, 15)
     full = full or eigen
     assert eigen == frac * full
     factor_bytes = {d["factor_bytes"] for d in plan.device_bytes()}
@@ -173,10 +175,17 @@ def test_collectives_per_strategy():
 
 def test_table_shows_layers_devices_and_collectives():
   layers = registry([9, 5], 8)
-  text = str(kaisa_jax.placement(layers, 4, 0.5))
+  plan = kaisa_jax.placement(layers, 4, 0.5)
+  text = str(plan)
   assert "HYBRID-OPT" in text
   for name in layers.names:
     assert name in text
+  # Each layer's row names its group (Dense_0: a9_g9, Dense_1: a10_g5).
+  lines = text.splitlines()
+  assert "group" in next(line for line in lines if line.startswith("layer ")).split()
+  for name, group in (("Dense_0", "a9_g9"), ("Dense_1", "a10_g5")):
+    assert plan.group_of(name).name == group
+    assert group in next(line for line in lines if line.split()[:1] == [name]).split()
   assert "eigen bytes" in text and "all-gather" in text
   assert "COMM-OPT" in str(kaisa_jax.placement(layers, 4, 1.0))
   assert "MEM-OPT" in str(kaisa_jax.placement(layers, 4, 0.25))
@@ -197,3 +206,102 @@ def test_plan_is_deterministic_and_hashable():
   b = kaisa_jax.placement(layers, 4, 0.5)
   assert a == b and hash(a) == hash(b)
   np.testing.assert_equal(len(a.layers), 3)
+
+
+class Mixed(nn.Module):
+  """An Embed (diagonal A), three Dense layers (two of the same shape, one
+  narrower) and two LayerNorms (4 blocks each), on (batch, tokens) ids."""
+
+  @nn.compact
+  def __call__(self, ids):
+    x = nn.Embed(5, 4)(ids)  # a = 5 (diagonal), g = 4: the Dense shapes, diagonal A
+    x = nn.Dense(4)(x)  # a = 5, g = 4
+    x = nn.LayerNorm()(x)  # 4 blocks of a = 2, g = 1
+    x = nn.Dense(4)(x)  # a = 5, g = 4: Dense_0's shapes
+    x = nn.LayerNorm()(x)
+    return nn.Dense(3)(x)  # a = 5, g = 3: another G
+
+
+def test_groups_gather_layers_of_equal_block_shapes_and_layer_factors_round_trip():
+  model = Mixed()
+  ids = jnp.asarray(np.arange(6).reshape(2, 3) % 5, jnp.int32)
+  params = model.init(jax.random.key(0), ids)["params"]
+  layers = kaisa_jax.find_layers(lambda p, i: jnp.sum(model.apply({"params": p}, i)),
+                                 params, ids)
+  assert layers.names == ("Embed_0", "Dense_0", "LayerNorm_0", "Dense_1", "LayerNorm_1",
+                          "Dense_2")
+  plan = kaisa_jax.placement(layers, 1)
+
+  # Layers share a group exactly when (A block size, A diagonal, G block size) agree;
+  # groups in order of their first member, members in registry order.
+  key = lambda l: (l.a_size, l.a_diagonal, l.g_size)
+  assert [(g.name, g.names) for g in plan.groups] == [
+      ("a5diag_g4", ("Embed_0",)), ("a5_g4", ("Dense_0", "Dense_1")),
+      ("a2_g1", ("LayerNorm_0", "LayerNorm_1")), ("a5_g3", ("Dense_2",))]
+  for group in plan.groups:
+    assert {key(layers[n]) for n in group.names} == {
+        (group.a_size, group.a_diagonal, group.g_size)}
+  for a in layers:
+    for b in layers:
+      assert (plan.group_of(a.name) == plan.group_of(b.name)) == (key(a) == key(b))
+  # Blocks: the members' blocks end to end.
+  norms = plan.group_of("LayerNorm_0")
+  assert norms.blocks == 8
+  assert norms.block_range("LayerNorm_0") == range(0, 4)
+  assert norms.block_range("LayerNorm_1") == range(4, 8)
+  dense = plan.group_of("Dense_0")
+  assert (dense.blocks, dense.block_range("Dense_0"), dense.block_range("Dense_1")) == (
+      2, range(0, 1), range(1, 2))
+
+  # The initial state keeps one stack per group, every block the identity
+  # (ones for a diagonal A); per layer, the identity in the layer's own shape.
+  tx = kaisa_jax.kaisa(layers)
+  state = tx.init(params)
+  assert set(state.factors) == {g.name for g in plan.groups}
+  assert set(state.decompositions) == {g.name for g in plan.groups}
+  for group in plan.groups:
+    assert state.factors[group.name].a_factor.shape == group.a_stack_shape()
+    assert state.factors[group.name].g_factor.shape == group.g_stack_shape()
+  identity = lambda shape: (np.ones(shape.shape) if shape.diagonal else
+                            np.broadcast_to(np.eye(shape.size), shape.shape))
+  factors = plan.layer_factors(state)
+  assert set(factors) == set(layers.names)
+  for layer in layers:
+    f = factors[layer.name]
+    assert f.a_factor.shape == layer.a_factor_shape.shape
+    assert f.g_factor.shape == layer.g_factor_shape.shape
+    np.testing.assert_array_equal(np.asarray(f.a_factor), identity(layer.a_factor_shape))
+    np.testing.assert_array_equal(np.asarray(f.g_factor), identity(layer.g_factor_shape))
+  assert factors["Embed_0"].a_factor.shape == (5,)
+  assert factors["LayerNorm_1"].a_factor.shape == (4, 2, 2)
+  assert factors["Dense_2"].g_factor.shape == (3, 3)
+
+  # Distinct per-layer factors written into the stacks read back per layer.
+  rng = np.random.default_rng(0)
+  mine = {l.name: kaisa_jax.LayerFactors(
+      rng.normal(size=l.a_factor_shape.shape).astype(np.float32),
+      rng.normal(size=l.g_factor_shape.shape).astype(np.float32)) for l in layers}
+  stacked = {g.name: kaisa_jax.LayerFactors(*(
+      jnp.concatenate([np.reshape(getattr(mine[n], field), (layers[n].blocks,) + block)
+                       for n in g.names])
+      for field, block in (("a_factor", g.a_block_shape), ("g_factor", g.g_block_shape))))
+      for g in plan.groups}
+  back = plan.layer_factors(state._replace(factors=stacked))
+  assert set(back) == set(mine)
+  for name, f in mine.items():
+    np.testing.assert_array_equal(np.asarray(back[name].a_factor), f.a_factor)
+    np.testing.assert_array_equal(np.asarray(back[name].g_factor), f.g_factor)
+
+  # The decompositions per layer: the old per-layer shapes (EigenOuter here).
+  decompositions = plan.layer_decompositions(state)
+  assert set(decompositions) == set(layers.names)
+  for layer in layers:
+    d = decompositions[layer.name]
+    assert isinstance(d, kaisa_jax.EigenOuter)
+    lead = () if layer.blocks == 1 else (layer.blocks,)
+    if layer.a_diagonal:
+      assert d.a_eigvecs is None
+    else:
+      assert d.a_eigvecs.shape == lead + (layer.a_size, layer.a_size)
+    assert d.g_eigvecs.shape == lead + (layer.g_size, layer.g_size)
+    assert d.inv_eigval_outer.shape == lead + (layer.g_size, layer.a_size)

@@ -20,6 +20,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import kaisa_jax
+from layout import group_of, layer_decompositions, layer_factors
 from oracles import np_damped_inverse, np_kron_solve
 
 N_IN, N_HIDDEN, N_OUT = 6, 5, 3
@@ -393,9 +394,11 @@ def test_update_matches_oracle_over_steps(mlp_layers, method, outer):
   step = jitted_kfac_step(tx)
   params = mlp_params(1)
   state = tx.init(params)
-  check_factors(state.factors, oracle)
+  check_factors(layer_factors(mlp_layers, state), oracle)
+  decompositions = layer_decompositions(mlp_layers, state, compute_method=method,
+                                        eigenvalue_outer_product=outer)
   for n in MLP_LAYERS:
-    check_decomposition(state.decompositions[n], oracle.decomposed[n], method, outer)
+    check_decomposition(decompositions[n], oracle.decomposed[n], method, outer)
 
   rng = np.random.default_rng(2)
   nus = []
@@ -410,9 +413,11 @@ def test_update_matches_oracle_over_steps(mlp_layers, method, outer):
     # Factors change exactly on factor steps, decompositions on inverse steps.
     assert trees_equal(new_state.factors, state.factors) == (t % 2 != 0), t
     assert trees_equal(new_state.decompositions, state.decompositions) == (t % 3 != 0), t
-    check_factors(new_state.factors, oracle)
+    check_factors(layer_factors(mlp_layers, new_state), oracle)
+    decompositions = layer_decompositions(mlp_layers, new_state, compute_method=method,
+                                          eigenvalue_outer_product=outer)
     for n in MLP_LAYERS:
-      check_decomposition(new_state.decompositions[n], oracle.decomposed[n], method, outer)
+      check_decomposition(decompositions[n], oracle.decomposed[n], method, outer)
     params = jax.tree.map(lambda p, u: p - 0.1 * u, params, updates)
     state = new_state
   assert int(state.skipped_factor_updates) == 0
@@ -438,7 +443,8 @@ def test_ekfac_matches_oracle_over_steps(mlp_layers, g_factor_scaling):
     _, updates, new_state = step(params, state, x, y)
     expected = oracle.update(params, x, y)
     assert_close(updates, expected, rtol=1e-4)
-    scalings = {n: new_state.decompositions[n].scaling for n in MLP_LAYERS}
+    decompositions = layer_decompositions(mlp_layers, new_state, compute_method="ekfac")
+    scalings = {n: decompositions[n].scaling for n in MLP_LAYERS}
     for n in MLP_LAYERS:
       assert_close(scalings[n], oracle.corrected[n][2], rtol=1e-4)
     params = jax.tree.map(lambda p, u: p - 0.1 * u, params, updates)
@@ -469,7 +475,7 @@ def test_per_example_g_scaling_matches_oracle_over_steps(mlp_layers):
     x, y = mlp_batch(rng)
     _, updates, state = step(params, state, x, y)
     assert_close(updates, oracle.update(params, x, y))
-    check_factors(state.factors, oracle)
+    check_factors(layer_factors(mlp_layers, state), oracle)
     params = jax.tree.map(lambda p, u: p - 0.1 * u, params, updates)
 
 
@@ -484,9 +490,11 @@ def test_g_factor_of_a_doubled_batch(mlp_layers, scaling, g_ratio):
   twice = lambda v: np.concatenate([v, v])
   _, _, once_state = step(params, tx.init(params), x, y)
   _, _, twice_state = step(params, tx.init(params), twice(x), twice(y))
+  once_factors = layer_factors(mlp_layers, once_state)
+  twice_factors = layer_factors(mlp_layers, twice_state)
   for n in MLP_LAYERS:
-    (a1, g1), (a2, g2) = without_identity(once_state.factors[n], 0.5), \
-        without_identity(twice_state.factors[n], 0.5)
+    (a1, g1), (a2, g2) = without_identity(once_factors[n], 0.5), \
+        without_identity(twice_factors[n], 0.5)
     assert_close(a2, a1)
     assert_close(g2, g_ratio * g1)
 
@@ -542,9 +550,10 @@ def test_weight_sharing_factors_match_oracle(weight_sharing, modes):
   tx = kaisa_jax.kaisa(layers, factor_decay=decay, weight_sharing=weight_sharing)
   _, _, state = jitted_kfac_step(tx, token_loss)(params, tx.init(params), x, y)
   rows = token_rows(params, x, y)
+  factors = layer_factors(layers, state)
   for name, mode in modes.items():
     expected = tuple((1 - decay) * m for m in np_token_factors(*rows[name], mode))
-    assert_close(without_identity(state.factors[name], decay), expected, rtol=1e-5)
+    assert_close(without_identity(factors[name], decay), expected, rtol=1e-5)
   # reduce and expand really differ here (T = 4 tokens per example)
   assert not np.allclose(*(np_token_factors(*rows["Dense_1"], m)[1] for m in ("expand", "reduce")))
 
@@ -637,7 +646,7 @@ def test_schedules_are_evaluated_at_the_right_step(mlp_layers, method, outer):
       assert not np.allclose(to_matrix(alternative, "Dense_0"),
                              to_matrix(expected, "Dense_0"), rtol=1e-2)
     params = jax.tree.map(lambda p, u: p - 0.5 * u, params, updates)
-  check_factors(state.factors, oracle)
+  check_factors(layer_factors(mlp_layers, state), oracle)
   # The test means something only if the clip was active on some steps.
   assert min(nus) < 0.9, nus
 
@@ -696,8 +705,13 @@ def test_skipped_and_unregistered_leaves_pass_through(mlp_layers, skip_layers):
   tx = kaisa_jax.kaisa(mlp_layers, skip_layers=skip_layers, **hp)
   params = mlp_params(13)
   state = tx.init(params)
-  assert set(state.factors) == {"Dense_0"}
-  assert set(state.decompositions) == {"Dense_0"}
+  assert set(layer_factors(mlp_layers, state, skip_layers=skip_layers)) == {"Dense_0"}
+  assert set(layer_decompositions(mlp_layers, state, skip_layers=skip_layers)) == {"Dense_0"}
+  # One group, Dense_0's (a 7-by-7 A, a 5-by-5 G), Dense_0 its only member.
+  group = group_of(mlp_layers, "Dense_0", skip_layers=skip_layers)
+  assert (group.name, group.names) == (f"a{N_IN + 1}_g{N_HIDDEN}", ("Dense_0",))
+  assert set(state.factors) == {group.name}
+  assert set(state.decompositions) == {group.name}
   x, y = mlp_batch(np.random.default_rng(14))
   grads, captures = grads_and_captures(params, x, y)
   updates, state = tx.update(grads, state, params, captures=captures)
@@ -708,7 +722,7 @@ def test_skipped_and_unregistered_leaves_pass_through(mlp_layers, skip_layers):
   expected = oracle.update(params, x, y)
   assert oracle.nu < 1
   assert_close(updates, expected)
-  check_factors(state.factors, oracle)
+  check_factors(layer_factors(mlp_layers, state, skip_layers=skip_layers), oracle)
 
 
 def test_unregistered_leaf_passes_through_every_layer_skipped(mlp_layers):
@@ -717,6 +731,7 @@ def test_unregistered_leaf_passes_through_every_layer_skipped(mlp_layers):
   grads, captures = grads_and_captures(params, *mlp_batch(np.random.default_rng(16)))
   state = tx.init(params)
   assert state.factors == {} and state.decompositions == {}
+  assert layer_factors(mlp_layers, state, skip_layers=(".*",)) == {}
   updates, state = tx.update(grads, state, params, captures=captures)
   assert_trees_identical(updates, grads)
 
@@ -782,7 +797,7 @@ def test_accumulation_emits_zeros_then_the_big_batch_update(mlp_layers):
   oracle = KfacOracle(**hp)
   expected = oracle.update(params, x, y)
   assert_close(updates, expected)
-  check_factors(state.factors, oracle)
+  check_factors(layer_factors(mlp_layers, state), oracle)
 
 
 @pytest.mark.parametrize("model,scaling", [
@@ -825,8 +840,9 @@ def test_accumulation_equals_one_big_batch(model, scaling):
     assert_close(moved_acc, moved_big, rtol=1e-5)
     # factor steps 0, 2, 4: compare the data parts
     weight = hp["factor_decay"] ** (t // 2 + 1)
-    assert_close(without_identity(s_acc[0].factors, weight),
-                 without_identity(s_big[0].factors, weight), rtol=1e-5, atol=1e-6 * weight)
+    assert_close(without_identity(layer_factors(layers, s_acc[0]), weight),
+                 without_identity(layer_factors(layers, s_big[0]), weight), rtol=1e-5,
+                 atol=1e-6 * weight)
 
 
 def test_accumulation_skips_a_nonfinite_micro_batch(mlp_layers):
@@ -851,7 +867,7 @@ def test_accumulation_skips_a_nonfinite_micro_batch(mlp_layers):
       assert_trees_identical(state.factors, before.factors)
     else:
       assert_close(updates, expected)
-    check_factors(state.factors, oracle)
+    check_factors(layer_factors(mlp_layers, state), oracle)
     assert int(state.skipped_factor_updates) == oracle.skipped == min(t, 1)
   assert_all_zero(state.accumulation)
 
@@ -991,7 +1007,7 @@ def test_nonfinite_factor_step_is_skipped(mlp_layers, poison):
   grads, captures = grads_and_captures(params, x, y)
   updates, state = tx.update(grads, state, params, captures=captures)
   assert_close(updates, oracle.update(params, x, y))
-  check_factors(state.factors, oracle)
+  check_factors(layer_factors(mlp_layers, state), oracle)
   assert int(state.skipped_factor_updates) == 1
 
 
@@ -1010,17 +1026,25 @@ def test_nonfinite_decomposition_is_rejected(mlp_layers, method, bad_factor):
   _, state = tx.update(grads, state, params, captures=captures)
   oracle.update(params, x, y)
 
-  # Step 1 is not a factor step, but it decomposes: Dense_0's A is broken.
-  a = state.factors["Dense_0"].a_factor
+  # Step 1 is not a factor step, but it decomposes: Dense_0's A is broken,
+  # in its block of its group's stack.
+  group = group_of(mlp_layers, "Dense_0")
+  (block,) = group.block_range("Dense_0")
+  stack = state.factors[group.name].a_factor
+  a = stack[block]
   broken = -2.0 * jnp.eye(a.shape[0]) if bad_factor == "negative_definite" else a.at[0, 0].set(jnp.nan)
-  factors = dict(state.factors, Dense_0=state.factors["Dense_0"]._replace(a_factor=broken))
+  factors = dict(state.factors, **{group.name: state.factors[group.name]._replace(
+      a_factor=stack.at[block].set(broken))})
   before = state._replace(factors=factors)
+  np.testing.assert_array_equal(np.asarray(layer_factors(mlp_layers, before)["Dense_0"].a_factor),
+                                np.asarray(broken))
   x, y = mlp_batch(rng)
   grads, captures = grads_and_captures(params, x, y)
   updates, state = tx.update(grads, before, params, captures=captures)
   assert int(state.rejected_decompositions) == 1
   assert int(state.skipped_factor_updates) == 0
-  assert_trees_identical(state.decompositions["Dense_0"], before.decompositions["Dense_0"])
+  assert_trees_identical(layer_decompositions(mlp_layers, state, compute_method=method)["Dense_0"],
+                         layer_decompositions(mlp_layers, before, compute_method=method)["Dense_0"])
   # The previous decomposition still preconditions Dense_0. Dense_1 is
   # redecomposed from factors unchanged since step 0, so both layers precondition
   # as if step 1 were no decomposition step: tell the oracle so.
