@@ -11,7 +11,7 @@ import pytest
 
 import kaisa_jax
 from kaisa_jax._src import factors as factors_lib
-from kaisa_jax._src import layers as layers_lib
+from kaisa_jax._src.layers import conv as conv_lib
 from layout import layer_factors
 from oracles import (assert_close, np_kernel_matrix, np_patches, np_same_pads,
                      random_params)
@@ -211,7 +211,7 @@ def test_conv_batch_factors_reduced_in_chunks(name, monkeypatch):
   layer, params = _single_layer(module, x)
   positions = math.prod(module.apply({"params": params}, x).shape[1:-1])
   features = layer.a_size - int(layer.has_bias)
-  monkeypatch.setattr(layers_lib, "_PATCH_CHUNK_BYTES", 2 * positions * features * 4)
+  monkeypatch.setattr(conv_lib, "_PATCH_CHUNK_BYTES", 2 * positions * features * 4)
   _check_conv_factors(kwargs, x_shape)
 
 
