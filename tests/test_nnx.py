@@ -22,7 +22,7 @@ import pytest
 from jax.tree_util import DictKey, GetAttrKey
 
 import kaisa_jax
-from kaisa_jax._src import nnx_capture
+from kaisa_jax._src.capture import nnx as nnx_capture
 from oracles import (assert_close, np_chain, np_damped_inverse, np_kernel_matrix,
                      np_patches, np_same_pads, np_scan_kfac_step)
 

@@ -1,4 +1,4 @@
-"""Layers inside scans (nn.scan, a loss's lax.scan): loops.py and scanned.py.
+"""Layers inside scans (nn.scan, a loss's lax.scan): capture/scan.py and scanned.py.
 
 Each iteration of a scan body is captured on its own, the captures stacked
 by iteration. Shared parameters (``variable_broadcast``) give one Kronecker
@@ -335,14 +335,14 @@ def test_flax_look_ahead_trace_is_told_apart_by_type_or_name():
   # after flax's "flax scan", under which every layer of an nn.scan was
   # listed as skipped. Both must read as the look-ahead, a real scan body
   # as "scan".
-  from kaisa_jax._src import capture
+  from kaisa_jax._src.capture import transforms
   def traced(name):
     return types.SimpleNamespace(
         frame=types.SimpleNamespace(debug_info=types.SimpleNamespace(traced_for=name)))
   bare_partial_eval = type("JaxprTrace", (), {})()
-  assert capture._trace_label(traced("flax scan")) == capture._trace_label(bare_partial_eval)
-  assert capture._trace_label(traced("scan")) == "scan"
-  assert capture._trace_label(traced("flax scan")) != "scan"
+  assert transforms._trace_label(traced("flax scan")) == transforms._trace_label(bare_partial_eval)
+  assert transforms._trace_label(traced("scan")) == "scan"
+  assert transforms._trace_label(traced("flax scan")) != "scan"
 
 
 @pytest.mark.parametrize("how, name, words", [

@@ -6,7 +6,7 @@ e.g. ``Embed.attend``) are wrapped for the duration of a
 ``with intercept_methods(interceptor):`` block, and the wrappers hand every
 call to the interceptor with linen's signature,
 ``interceptor(next_fun, args, kwargs, context)``, so that one interceptor
-serves both worlds (capture.py stacks the two context managers).
+serves both worlds (calls.py stacks the two context managers).
 
 The classes are patched only while some block is open (in any thread) and
 restored when the last one closes, even on an exception; interceptors are

@@ -1,4 +1,4 @@
-"""Loops: the layer calls of a scan body, captured one iteration at a time.
+"""Scans: the layer calls of a scan body, captured one iteration at a time.
 
 ``lax.scan`` traces its body once and runs it ``length`` times: a probe
 closed over by the body would be shared by every iteration, and its
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 from jax._src import core as jax_core
@@ -138,3 +138,12 @@ def _dispatch(f, init, xs=None, length=None, reverse=False, unroll=1, **kwargs):
   if not hooks:
     return _original[0](f, init, xs, length, reverse, unroll, **kwargs)
   return hooks[-1].scan(f, init, xs, length, reverse, unroll, **kwargs)
+
+
+class _Emitted(NamedTuple):
+  """A layer input a scan hands out: available once the scan has run."""
+  frame: Any
+  key: tuple
+
+  def stacked(self) -> jax.Array:
+    return self.frame.stacked_inputs[self.key]
