@@ -18,18 +18,18 @@ conv model: at most 3 x.
 
 On CPU the absolute times mean little: read the ratios. The optimizers are
 interleaved in rounds so that other processes slow them alike; the load
-average is printed. The LAPACK eigh runs on one OpenBLAS thread by default
-(--blas-threads; OpenBLAS's own pool collapses when the cores are shared).
-By default glibc is told to use one arena and no mmap for large blocks: XLA
-mallocs each execution's temporary buffer, and above glibc's mmap threshold
-(at most 32 MiB) every step would page-fault through fresh memory. That cost
-hits whichever program crosses the threshold first (Adam's CNN step at batch
-1024 is at 30.5 MiB) and has nothing to do with the optimizer's arithmetic;
---default-malloc measures with glibc's defaults (page faults per step are in
-the JSON).
+average is printed. The process is a default one, as a user's would be: the
+BLAS thread pools and glibc's allocator are left as they are. Two options
+change that for comparison: --blas-threads 1 runs the LAPACK eigh on one
+OpenBLAS thread (OpenBLAS's own pool collapses when the cores are shared),
+and --malloc-no-mmap tells glibc to use one arena and no mmap for large
+blocks (XLA mallocs each execution's temporary buffer, and above glibc's
+mmap threshold, at most 32 MiB, every step page-faults through fresh
+memory; Adam's CNN step at batch 1024 is at 30.5 MiB). Page faults per step
+are in the JSON.
 
   python benchmarks/step_time.py
-  python benchmarks/step_time.py --default-malloc
+  python benchmarks/step_time.py --blas-threads 1 --malloc-no-mmap
   python benchmarks/step_time.py --models cnn --batch-sizes 256 --steps 100 --json out.json
 """
 
@@ -383,12 +383,12 @@ def parse_args(argv=None):
   parser.add_argument("--json", metavar="PATH", help="write the results here")
   parser.add_argument("--rounds", type=int, default=10,
                       help="interleave the optimizers in this many blocks of steps (default 10)")
-  parser.add_argument("--blas-threads", type=int, default=1,
-                      help="OpenBLAS threads for the LAPACK eigh (default 1; 0: leave "
-                           "as is, one per core)")
-  parser.add_argument("--default-malloc", action="store_true",
-                      help="keep glibc's mmap of large blocks (per-step page faults once a "
-                           "step's temporary buffer exceeds 32 MiB)")
+  parser.add_argument("--blas-threads", type=int, default=0,
+                      help="OpenBLAS threads for the LAPACK eigh (default 0: leave as is, "
+                           "one per core)")
+  parser.add_argument("--malloc-no-mmap", action="store_true",
+                      help="tell glibc not to mmap large blocks (no per-step page faults once "
+                           "a step's temporary buffer exceeds 32 MiB)")
   parser.add_argument("--seed", type=int, default=0)
   return parser.parse_args(argv)
 
@@ -413,7 +413,7 @@ def main(argv=None):
   start = time.perf_counter()
   load_before = os.getloadavg()[0]
   blas = blas_threads(args.blas_threads)
-  malloc_no_mmap = not args.default_malloc and malloc_without_mmap()
+  malloc_no_mmap = args.malloc_no_mmap and malloc_without_mmap()
   if args.steps < 2 * TARGET_PERIODS[1]:
     print(f"note: --steps {args.steps} holds fewer than 2 decompositions at "
           f"periods {TARGET_PERIODS}; the amortized figure is less representative.")
