@@ -1,4 +1,4 @@
-"""Layers inside scans (nn.scan, a loss's lax.scan): capture/scan.py and scanned.py.
+"""Layers inside scans (nn.scan, a loss's lax.scan): capture/scan.py and layers/scanned.py.
 
 Each iteration of a scan body is captured on its own, the captures stacked
 by iteration. Shared parameters (``variable_broadcast``) give one Kronecker

@@ -21,7 +21,7 @@ from kaisa_jax._src import eigen as eigen_lib
 from kaisa_jax._src import groups as groups_lib
 from kaisa_jax._src import layers as layers_lib
 from kaisa_jax._src import placement as placement_lib
-from kaisa_jax._src import scanned as scanned_lib
+from kaisa_jax._src.layers import scanned as scanned_lib
 
 ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
 

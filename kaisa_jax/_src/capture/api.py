@@ -19,7 +19,7 @@ import numpy as np
 
 from kaisa_jax._src import fisher as fisher_lib
 from kaisa_jax._src import layers as layers_lib
-from kaisa_jax._src import scanned
+from kaisa_jax._src.layers import scanned
 from kaisa_jax._src.capture.calls import (_call_arguments, _call_input, _intercept_layers,
                                           _is_layer_call, _unsupported_call)
 from kaisa_jax._src.capture.params import _module_param, _scope_name
