@@ -81,7 +81,8 @@ def _transpose(m: jax.Array) -> jax.Array:
 
 
 def _eigh(factor: jax.Array, dtype):
-  vals, vecs = jnp.linalg.eigh(factor.astype(dtype))
+  # The factors are symmetric by construction (``factors.symmetrize``).
+  vals, vecs = jnp.linalg.eigh(factor.astype(dtype), symmetrize_input=False)
   # float32 eigh gives small negative eigenvalues on rank-deficient factors.
   return jnp.maximum(vals, 0), vecs
 
@@ -196,9 +197,26 @@ def identity_decomposition(group: groups_lib.LayerGroup, blocks: int, damping,
                 for field, shape in zip(kind._fields, field_shapes(kind, group, blocks))])
 
 
+def _checked_fields(d: Decomposition) -> list:
+  """The fields whose finiteness decides a decomposition's: the eigenvalues (or what
+  is made of them) for the eigen methods, the inverses for 'inverse'.
+
+  jax's ``eigh`` returns NaN eigenvalues and eigenvectors together when LAPACK
+  or cuSOLVER fails, so the (n,) values tell what the (n, n) vectors would,
+  at a fraction of the reduction.
+  """
+  if isinstance(d, Eigen):
+    return [d.a_eigvals, d.g_eigvals]
+  if isinstance(d, EigenOuter):
+    return [d.inv_eigval_outer]
+  if isinstance(d, EigenCorrected):
+    return [d.scaling]
+  return [d.a_inv, d.g_inv]
+
+
 def keep_finite_members(new: Decomposition, old: Decomposition,
                         member_blocks: tuple[int, ...]):
-  """Per member (a run of blocks), ``new`` where all its entries are finite, else ``old``.
+  """Per member (a run of blocks), ``new`` where it is finite, else ``old``.
 
   Args:
     new, old: decompositions of the same stack of ``sum(member_blocks)`` blocks.
@@ -209,7 +227,7 @@ def keep_finite_members(new: Decomposition, old: Decomposition,
     whose new decomposition was rejected.
   """
   block_ok = jnp.stack([jnp.all(jnp.isfinite(x), axis=tuple(range(1, x.ndim)))
-                        for x in jax.tree.leaves(new)]).all(axis=0)  # (blocks,)
+                        for x in _checked_fields(new)]).all(axis=0)  # (blocks,)
   if any(b != 1 for b in member_blocks):
     segments = np.repeat(np.arange(len(member_blocks)), member_blocks)
     member_ok = jax.ops.segment_min(block_ok.astype(jnp.int32), segments,

@@ -95,9 +95,10 @@ def group_batch_factors(group: groups_lib.LayerGroup, captures: dict, dtype,
       f = f._replace(g_factor=f.g_factor * capture.inputs[0].shape[0] ** 2)
     return f
 
+  args_of = lambda unit: groups_lib.stacked_members(group, unit,
+                                                    lambda l: (captures[l.name],))
   return LayerFactors(*groups_lib.over_units(
-      group, units, one, lambda layer: (captures[layer.name],),
-      (group.a_block_shape, group.g_block_shape)))
+      group, units, one, args_of, (group.a_block_shape, group.g_block_shape)))
 
 
 def capture_shapes(capture: capture_lib.LayerCapture) -> tuple:

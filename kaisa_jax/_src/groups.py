@@ -199,27 +199,46 @@ def in_order(pieces, indices):
 
 def over_units(group: LayerGroup, units: tuple[StatUnit, ...], fn, args_of,
                block_shapes: tuple[tuple[int, ...], ...]) -> tuple:
-  """``fn(layer, *args_of(member))`` for every member, as stacks in member order.
+  """``fn(layer, *args)`` for every member, as stacks in member order.
 
-  Each unit's members are computed in one ``jax.vmap`` over their stacked
-  arguments (a single member directly). ``fn`` returns a tuple of arrays
-  with the layer's own shapes; output k of every member is reshaped to
-  ``(member blocks, *block_shapes[k])`` and the members are concatenated:
-  ``(group.blocks, *block_shapes[k])``.
+  Args:
+    group, units: the group and its stat units.
+    fn: ``fn(layer, *args)`` for one member, returning a tuple of arrays
+      with the layer's own shapes.
+    args_of: ``args_of(unit)``, the unit's arguments stacked along a new
+      leading axis, one entry per member (``stacked_members`` builds them
+      from per-member values).
+    block_shapes: the block shape of each output.
+
+  Returns:
+    Per output k, ``(group.blocks, *block_shapes[k])``: each unit's members
+    computed in one ``jax.vmap`` (a unit of one directly), reshaped to
+    their blocks, concatenated.
   """
   pieces = []
   for unit in units:
-    members = [group.layers[i] for i in unit.members]
-    if len(members) == 1:
-      values = tuple(v[None] for v in fn(unit.layer, *args_of(members[0])))
+    args = args_of(unit)
+    if len(unit.members) == 1:  # no vmap: the plain per-layer program
+      values = tuple(v[None] for v in fn(unit.layer, *jax.tree.map(lambda x: x[0], args)))
     else:
-      stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[args_of(l) for l in members])
-      values = jax.vmap(lambda *args: tuple(fn(unit.layer, *args)))(*stacked)
+      values = jax.vmap(lambda *a: tuple(fn(unit.layer, *a)))(*args)
     pieces.append([v.reshape((-1,) + tuple(shape)) for v, shape in zip(values, block_shapes)])
   return tuple(parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
                for parts in zip(*pieces))
 
 
-def member_slices(group: LayerGroup, stack) -> dict:
-  """{layer name: its blocks of ``stack``} (static slices along the block axis)."""
-  return {l.name: stack[o:o + l.blocks] for l, o in zip(group.layers, group.offsets)}
+def stacked_members(group: LayerGroup, unit: StatUnit, value_of) -> tuple:
+  """``value_of(layer)`` (a tuple of pytrees) for the unit's members, stacked leaf by leaf."""
+  values = [value_of(group.layers[i]) for i in unit.members]
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *values)
+
+
+def unit_blocks(group: LayerGroup, unit: StatUnit, stack, member_shape: tuple[int, ...]):
+  """The unit's blocks of ``stack`` as (members, *member_shape): one static slice.
+
+  A unit's members are adjacent and share their block count, so their
+  blocks are one contiguous run of the stack.
+  """
+  start = group.offsets[unit.members[0]]
+  stop = start + len(unit.members) * unit.layer.blocks
+  return stack[start:stop].reshape((len(unit.members),) + tuple(member_shape))

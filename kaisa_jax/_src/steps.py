@@ -42,9 +42,11 @@ def group_grads(groups, leaves: dict) -> dict:
   def one(layer, kernel, bias):
     return (layer.grad_matrix(kernel, bias),)
 
-  args_of = lambda l: (leaves[l.kernel_path], leaves[l.bias_path] if l.has_bias else None)
-  return {g.name: groups_lib.over_units(g, _static_units(g), one, args_of,
-                                        (g.grad_block_shape,))[0]
+  value_of = lambda l: (leaves[l.kernel_path], leaves[l.bias_path] if l.has_bias else None)
+  return {g.name: groups_lib.over_units(
+              g, _static_units(g), one,
+              lambda unit: groups_lib.stacked_members(g, unit, value_of),
+              (g.grad_block_shape,))[0]
           for g in groups}
 
 
@@ -52,13 +54,10 @@ def write_updates(groups, leaves: dict, stacks: dict) -> dict:
   """``leaves`` with every member's kernel and bias taken from its group's stack."""
   leaves = dict(leaves)
   for g in groups:
-    stack = stacks[g.name]
     for unit in _static_units(g):
-      members = [g.layers[i] for i in unit.members]
-      mats = jnp.stack([stack[o:o + l.blocks].reshape(l.grad_shape)
-                        for l, o in ((g.layers[i], g.offsets[i]) for i in unit.members)])
+      mats = groups_lib.unit_blocks(g, unit, stacks[g.name], unit.layer.grad_shape)
       kernels, biases = jax.vmap(unit.layer.from_matrix)(mats)
-      for k, layer in enumerate(members):
+      for k, layer in enumerate(g.layers[i] for i in unit.members):
         leaves[layer.kernel_path] = kernels[k].astype(leaves[layer.kernel_path].dtype)
         if layer.has_bias:
           leaves[layer.bias_path] = biases[k].astype(leaves[layer.bias_path].dtype)
@@ -256,11 +255,14 @@ def batch_moments(config: config_lib.KaisaConfig, groups, captures: dict, store:
   moments = {}
   for g in groups:
     d = store[g.name]
-    mine = lambda stack, shape, l: stack[g.block_range(l.name).start:
-                                         g.block_range(l.name).stop].reshape(shape)
-    args_of = lambda l: (captures[l.name],
-                         None if g.a_diagonal else mine(d.a_eigvecs, l.a_factor_shape.shape, l),
-                         mine(d.g_eigvecs, l.g_factor_shape.shape, l))
+
+    def args_of(unit, g=g, d=d):
+      layer = unit.layer
+      a_eigvecs = (None if g.a_diagonal else
+                   groups_lib.unit_blocks(g, unit, d.a_eigvecs, layer.a_factor_shape.shape))
+      return (groups_lib.stacked_members(g, unit, lambda l: (captures[l.name],))[0], a_eigvecs,
+              groups_lib.unit_blocks(g, unit, d.g_eigvecs, layer.g_factor_shape.shape))
+
     units = groups_lib.stat_units(g, lambda n: factors_lib.capture_shapes(captures[n]))
     moments[g.name] = groups_lib.over_units(g, units, one, args_of, (g.grad_block_shape,))[0]
   if config.axis_name is not None:
