@@ -501,6 +501,56 @@ def test_layers_with_a_shared_input_match_oracle_over_steps(method, weight_shari
   assert_close(a["lin"], a["q"][:-1, :-1], rtol=1e-12)
 
 
+def _shared_problem():
+  model, _, in_shape = MODELS["shared"]
+  rng = np.random.default_rng(3)
+  x, t = rng.normal(size=(8,) + in_shape), rng.normal(size=(8, 3))
+  params = random_params(model, jnp.zeros((1,) + in_shape), seed=4)
+  loss_fn = lambda p, x, t: _mse(model.apply({"params": p}, x), t)
+  return loss_fn, params, jnp.asarray(x, jnp.float32), jnp.asarray(t, jnp.float32)
+
+
+def _flops(fn, *args) -> float:
+  """XLA's FLOP count of ``fn`` lowered, before optimisation (no common-subexpression merging)."""
+  return float(jax.jit(fn).lower(*args).cost_analysis()["flops"])
+
+
+def test_shared_inputs_are_found_and_their_a_computed_once():
+  loss_fn, params, x, t = _shared_problem()
+  registry = kaisa_jax.find_layers(loss_fn, params, x, t)
+  # q, k, v read x; gate and up read h. 'side' reads x too but computes a
+  # different A (other kernel shape), 'lin' has no bias, 'o' reads another tensor.
+  assert registry.shared_inputs == (("q", "k", "v"), ("gate", "up"))
+  assert registry.a_source("v") == "q" and registry.a_source("o") == "o"
+  assert "one A for layers fed the same input: q, k, v" in str(registry)
+  unshared = dataclasses.replace(registry, shared_inputs=())
+  runs = {}
+  for name, reg in (("shared", registry), ("unshared", unshared)):
+    tx = kaisa_jax.kaisa(reg, kl_clip=None)
+
+    def update(params, state, x, t, tx=tx):
+      _, grads, captures = kaisa_jax.value_and_grad(loss_fn)(params, x, t)
+      return tx.update(grads, state, params, captures=captures)
+
+    state = tx.init(params)
+    runs[name] = (_flops(update, params, state, x, t), jax.jit(update)(params, state, x, t))
+  # At least one A product (xᵀx, 2·rows·n² FLOPs for the rows of 8 examples x 4
+  # tokens) fewer per layer that reuses another's: k and v (n = 12), up (n = 12).
+  rows = x.shape[0] * x.shape[1]
+  assert runs["unshared"][0] - runs["shared"][0] >= 3 * 2 * rows * 12 ** 2
+  for a, b in zip(jax.tree.leaves(runs["shared"][1]), jax.tree.leaves(runs["unshared"][1])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+
+
+def test_weight_sharing_modes_that_differ_keep_separate_a():
+  loss_fn, params, x, t = _shared_problem()
+  registry = kaisa_jax.find_layers(loss_fn, params, x, t)
+  tx = kaisa_jax.kaisa(registry, weight_sharing={"^v$": "reduce"})
+  assert dict(tx.update.args[0].a_sources) == {"k": "q", "up": "gate"}
+  tx = kaisa_jax.kaisa(registry, skip_layers=("^q$",))
+  assert dict(tx.update.args[0].a_sources) == {"v": "k", "up": "gate"}
+
+
 # ---------------------------------------------------------------------------
 # 4. On 8 devices, against one device on the global batch (test_distributed's
 # runs: 5 steps of kaisa + SGD, decompositions every 2nd step, kl_clip on).

@@ -184,6 +184,8 @@ class KaisaConfig:
     g_factor_scaling: 'loss' or 'per_example'.
     placement_options: the keyword arguments of ``placement_lib.plan``
       other than the layers and the device count.
+    a_sources: (layer, source) pairs: ``layer`` shares ``source``'s input and
+      computes A from it the same way, so it takes ``source``'s A.
   """
   registry: layers_lib.LayerRegistry
   layers: tuple
@@ -202,6 +204,7 @@ class KaisaConfig:
   g_factor_scaling: str
   registry_layers: tuple
   placement_options: tuple
+  a_sources: tuple = ()
 
   def plan(self, num_devices: int) -> placement_lib.Placement:
     """The static placement on ``num_devices`` devices (cached)."""
@@ -235,6 +238,25 @@ class KaisaConfig:
     those of the whole-batch loss; per-example G carries no batch size.
     """
     return 1.0 / parts ** 2 if self.g_factor_scaling == "loss" else 1.0
+
+
+def shared_a_sources(registry: layers_lib.LayerRegistry, layers: tuple) -> tuple:
+  """(layer, source) pairs among the preconditioned ``layers`` with one A.
+
+  Of each of the registry's shared-input sets, the preconditioned members
+  whose (weight-sharing-resolved) signatures agree take the first one's A;
+  a member skipped or set to another weight-sharing mode keeps its own.
+  """
+  by_name = {l.name: l for l in layers}
+  pairs = []
+  for names in registry.shared_inputs:
+    first: dict = {}
+    for name in names:
+      if name in by_name:
+        source = first.setdefault(groups_lib.signature(by_name[name]), name)
+        if source != name:
+          pairs.append((name, source))
+  return tuple(pairs)
 
 
 @functools.lru_cache(maxsize=None)
@@ -307,5 +329,6 @@ def make_config(layers, *, damping, factor_decay, factor_update_steps, inv_updat
       inv_dtype=check_dtype("inv_dtype", inv_dtype), axis_name=axis_name,
       g_factor_scaling=g_factor_scaling, registry_layers=registry_layers,
       placement_options=options)
+  config = dataclasses.replace(config, a_sources=shared_a_sources(layers, config.layers))
   config.plan(1)  # checks the placement options now rather than at trace time
   return config

@@ -7,7 +7,8 @@ running average that starts from the identity.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import dataclasses
+from typing import Mapping, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -60,22 +61,28 @@ def batch_factors(layer: layers_lib.Layer, capture: capture_lib.LayerCapture,
     ``LayerFactors`` of the shapes ``layer.a_factor_shape`` and
     ``layer.g_factor_shape`` give.
   """
-  a_sum = g_sum = 0.0
-  a_rows = g_rows = 0
-  for inputs, out_grads in zip(capture.inputs, capture.out_grads):
-    cov, rows = layer.a_stats(inputs, dtype)
-    a_sum, a_rows = a_sum + cov, a_rows + rows
-    cov, rows = layer.g_stats(out_grads, dtype)
-    g_sum, g_rows = g_sum + cov, g_rows + rows
-  return LayerFactors(symmetrize(a_sum / a_rows), symmetrize(g_sum / g_rows))
+  return LayerFactors(_factor(layer.a_stats, capture.inputs, dtype),
+                      _factor(layer.g_stats, capture.out_grads, dtype))
+
+
+def _factor(stats, calls, dtype) -> jax.Array:
+  """``stats`` (a kind's ``a_stats`` or ``g_stats``) pooled over the calls' rows."""
+  total, count = 0.0, 0
+  for x in calls:
+    cov, rows = stats(x, dtype)
+    total, count = total + cov, count + rows
+  return symmetrize(total / count)
 
 
 def group_batch_factors(group: groups_lib.LayerGroup, captures: dict, dtype,
-                        per_example: bool) -> LayerFactors:
+                        per_example: bool, a_sources: Optional[Mapping[str, str]] = None
+                        ) -> LayerFactors:
   """A and G of one batch for every member of ``group``, as its stacks.
 
   Members with the same signature and capture shapes are computed in one
-  ``vmap`` over their stacked captures (``groups.stat_units``).
+  ``vmap`` over their stacked captures (``groups.stat_units``). A member fed
+  the same input as another (``a_sources``) takes that layer's A blocks: its
+  statistics are computed once.
 
   Args:
     group: the group.
@@ -83,22 +90,35 @@ def group_batch_factors(group: groups_lib.LayerGroup, captures: dict, dtype,
     dtype: ``factor_dtype``.
     per_example: multiply G by B², B the leading axis of the first call's
       input (``g_factor_scaling='per_example'``).
+    a_sources: layer name -> the member of ``group`` whose A it shares
+      (``LayerRegistry.shared_inputs``); layers not listed have their own.
 
   Returns:
     ``LayerFactors`` of ``group.a_stack_shape()`` and ``group.g_stack_shape()``.
   """
-  units = groups_lib.stat_units(group, lambda name: capture_shapes(captures[name]))
+  a_sources = a_sources or {}
+  shapes_of = lambda name: capture_shapes(captures[name])
 
-  def one(layer, capture):
-    f = batch_factors(layer, capture, dtype)
-    if per_example:
-      f = f._replace(g_factor=f.g_factor * capture.inputs[0].shape[0] ** 2)
-    return f
+  def g_factor(layer, capture):
+    g = _factor(layer.g_stats, capture.out_grads, dtype)
+    return g * capture.inputs[0].shape[0] ** 2 if per_example else g
 
-  args_of = lambda unit: groups_lib.stacked_members(group, unit,
-                                                    lambda l: (captures[l.name],))
-  return LayerFactors(*groups_lib.over_units(
-      group, units, one, args_of, (group.a_block_shape, group.g_block_shape)))
+  def over(members, fn, block_shapes):
+    args_of = lambda unit: groups_lib.stacked_members(members, unit,
+                                                      lambda l: (captures[l.name],))
+    return groups_lib.over_units(members, groups_lib.stat_units(members, shapes_of), fn,
+                                 args_of, block_shapes)
+
+  a_of = lambda layer, capture: _factor(layer.a_stats, capture.inputs, dtype)
+  if not any(l.name in a_sources for l in group.layers):
+    return LayerFactors(*over(group, lambda l, c: (a_of(l, c), g_factor(l, c)),
+                              (group.a_block_shape, group.g_block_shape)))
+  owners = dataclasses.replace(
+      group, layers=tuple(l for l in group.layers if l.name not in a_sources))
+  (owned,) = over(owners, lambda l, c: (a_of(l, c),), (group.a_block_shape,))
+  (g,) = over(group, lambda l, c: (g_factor(l, c),), (group.g_block_shape,))
+  index = [i for l in group.layers for i in owners.block_range(a_sources.get(l.name, l.name))]
+  return LayerFactors(groups_lib.take_blocks(owned, index), g)
 
 
 def capture_shapes(capture: capture_lib.LayerCapture) -> tuple:

@@ -70,7 +70,9 @@ def write_updates(groups, leaves: dict, stacks: dict) -> dict:
 def batch_factors(config: config_lib.KaisaConfig, groups, captures: dict) -> dict:
   """{group name: this batch's ``LayerFactors`` stacks}."""
   per_example = config.g_factor_scaling == "per_example"
-  return {g.name: factors_lib.group_batch_factors(g, captures, config.factor_dtype, per_example)
+  a_sources = dict(config.a_sources)
+  return {g.name: factors_lib.group_batch_factors(g, captures, config.factor_dtype, per_example,
+                                                  a_sources)
           for g in groups}
 
 

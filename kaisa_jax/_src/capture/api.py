@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kaisa_jax._src import fisher as fisher_lib
+from kaisa_jax._src import groups as groups_lib
 from kaisa_jax._src import layers as layers_lib
 from kaisa_jax._src.layers import scanned
 from kaisa_jax._src.capture.calls import (_call_arguments, _call_input, _intercept_layers,
@@ -119,6 +120,9 @@ class _Findings:
     self.provisional: set[str] = set()  # skipped with a reason a more precise one replaces
     self.ignored: dict[str, layers_lib.Skipped] = {}  # seen only in nn.scan's look-ahead trace
     self.modes: dict[str, tuple] = {}  # the capture layout of each layer's calls
+    # Each layer's call inputs, in call order: held (not just their ids) so
+    # that no id is reused before ``registry`` compares them.
+    self.call_inputs: dict[str, list] = {}
     self.errors: list[str] = []
 
   def skip(self, name, module, reason, final=True):
@@ -147,6 +151,7 @@ class _Findings:
           "instead of closing over it).")
       return
     name, kernel_path, bias_path, kernel = site.located
+    self.call_inputs.setdefault(name, []).append(inputs)
     if self.modes.setdefault(name, site.mode) != site.mode:
       self.skip(name, module, _MIXED_REASON)
     if name in self.found or name in self.skipped:
@@ -175,7 +180,17 @@ class _Findings:
           "find_layers: loss_fn calls no flax.linen Dense or Conv (nor Flax NNX "
           "Linear or Conv) layer; "
           "K-FAC has nothing to precondition.")
-    return layers_lib.LayerRegistry(tuple(self.found.values()), tuple(self.skipped.values()))
+    return layers_lib.LayerRegistry(tuple(self.found.values()), tuple(self.skipped.values()),
+                                    self.shared_inputs())
+
+  def shared_inputs(self) -> tuple[tuple[str, ...], ...]:
+    """Sets of found layers whose every call gets the same input object, with
+    equal signatures (so the same A statistics)."""
+    sets: dict[tuple, list[str]] = {}
+    for name, layer in self.found.items():
+      key = (tuple(id(x) for x in self.call_inputs[name]), groups_lib.signature(layer))
+      sets.setdefault(key, []).append(name)
+    return tuple(tuple(names) for names in sets.values() if len(names) > 1)
 
 
 def _find_call(findings: _Findings, loss_trace: _LossTrace, next_fun, fn_args, fn_kwargs,

@@ -28,3 +28,9 @@ from kaisa_jax._src.layers.dense import WEIGHT_SHARING, Dense, DenseGeneral, Ein
 from kaisa_jax._src.layers.embed import Embed
 from kaisa_jax._src.layers.norms import BatchNorm, GroupNorm, LayerNorm, RMSNorm, ScaleAndShift
 from kaisa_jax._src.layers.registry import LAYER_KINDS, LayerRegistry, kind_of, unsupported_reason
+
+__all__ = [
+    "FactorShape", "KeyPath", "Layer", "Skipped", "UnsupportedLayer", "Conv", "WEIGHT_SHARING",
+    "Dense", "DenseGeneral", "Einsum", "Embed", "BatchNorm", "GroupNorm", "LayerNorm", "RMSNorm",
+    "ScaleAndShift", "LAYER_KINDS", "LayerRegistry", "kind_of", "unsupported_reason",
+]

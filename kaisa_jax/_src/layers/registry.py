@@ -57,9 +57,23 @@ class LayerRegistry:
   Attributes:
     layers: the supported layers, in call order.
     skipped: layers found but not supported, with the reason.
+    shared_inputs: sets of layers (names, registry order) fed the very same
+      input in every call and computing A from it the same way (the q, k
+      and v projections of one attention block, the branches of a gated
+      MLP): their A factor is one, computed once per step
+      (``a_source``).
   """
   layers: tuple[Layer, ...]
   skipped: tuple[Skipped, ...] = ()
+  shared_inputs: tuple[tuple[str, ...], ...] = ()
+
+  def a_source(self, name: str) -> str:
+    """The layer whose A statistics layer ``name`` reuses: the first of its
+    shared-input set, or ``name`` itself."""
+    for names in self.shared_inputs:
+      if name in names:
+        return names[0]
+    return name
 
   @property
   def names(self) -> tuple[str, ...]:
@@ -87,6 +101,8 @@ class LayerRegistry:
                        for i, (c, w) in enumerate(zip(r, widths))).rstrip()
              for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    lines += [f"one A for layers fed the same input: {', '.join(names)}"
+              for names in self.shared_inputs]
     return "\n".join(lines)
 
   def __str__(self) -> str:
