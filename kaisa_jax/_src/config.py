@@ -182,6 +182,9 @@ class KaisaConfig:
     factor_dtype, inv_dtype: numpy dtypes.
     axis_name: the data-parallel axis, or None.
     g_factor_scaling: 'loss' or 'per_example'.
+    registry_layers: the preconditioned layers as the registry has them
+      (before weight sharing): the placement and the state layout depend on
+      these alone, so ``kaisa_jax.placement`` describes any ``kaisa`` on them.
     placement_options: the keyword arguments of ``placement_lib.plan``
       other than the layers and the device count.
     a_sources: (layer, source) pairs: ``layer`` shares ``source``'s input and
