@@ -183,10 +183,11 @@ def take_blocks(stack, indices):
 
 
 def in_order(pieces, indices):
-  """Stacks ``pieces`` (each ``(len(idx), ...)``) covering ``indices`` into sorted block order.
+  """The blocks of ``pieces`` in increasing order of their stack index.
 
-  ``indices[i]`` lists the blocks piece i holds; together they are a
-  permutation of ``range(total)``. Returns the ``(total, ...)`` stack.
+  ``indices[i]`` lists the (distinct) stack indices of the blocks piece i
+  holds, ``(len(indices[i]), ...)``: e.g. the shares gathered from several
+  devices. Returns ``(sum of their lengths, ...)``, ordered by index.
   """
   flat = [int(i) for idx in indices for i in idx]
   if len(pieces) == 1:
