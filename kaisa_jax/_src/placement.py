@@ -255,10 +255,12 @@ class Placement:
       >>> plan.layer_factors(opt_state[0])["Dense_0"].a_factor.shape
       (65, 65)
     """
-    return {l.name: type(f)(*(self._per_layer(l.name, x, shape) for x, shape in zip(
-                f, (l.a_shape.shape, l.g_shape.shape))))
-            for l in self.layers
-            for f in [state.factors[self.group_of(l.name).name]]}
+    out = {}
+    for l in self.layers:
+      f = state.factors[self.group_of(l.name).name]
+      out[l.name] = type(f)(self._per_layer(l.name, f.a_factor, l.a_shape.shape),
+                            self._per_layer(l.name, f.g_factor, l.g_shape.shape))
+    return out
 
   def layer_decompositions(self, state) -> dict:
     """{layer name: its latest decomposition}, in the layer's own shapes.
@@ -277,8 +279,8 @@ class Placement:
 
   def _per_layer(self, name: str, stack, shape=None):
     """Layer ``name``'s blocks of a group ``stack``, without the blocks axis for one block."""
-    group = self.group_of(name)
-    blocks = stack[group.block_range(name).start:group.block_range(name).stop]
+    held = self.group_of(name).block_range(name)
+    blocks = stack[held.start:held.stop]
     if shape is not None:
       return blocks.reshape(shape)
     return blocks[0] if blocks.shape[0] == 1 else blocks
