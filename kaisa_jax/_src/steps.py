@@ -132,7 +132,7 @@ def _own_shares(config, plan: placement_lib.Placement, device: int, factors: dic
 
 def _outbox_layout(plan: placement_lib.Placement, device: int) -> list:
   """[(group, 'a'|'g', share shapes)] that ``device`` sends, in buffer order."""
-  return [(g.name, which, plan.share_shapes(g, which, len(plan.worker_blocks(device, g, which))))
+  return [(g, which, plan.share_shapes(g, which, len(plan.worker_blocks(device, g, which))))
           for g in plan.groups for which in "ag" if plan.worker_blocks(device, g, which)]
 
 
@@ -142,9 +142,8 @@ def _received_shares(plan: placement_lib.Placement, column: int, inbox) -> dict:
   for row, device in enumerate(plan.columns[column]):
     layout = _outbox_layout(plan, device)
     flat = iter(collectives.unpack(inbox[row], [s for _, _, shapes in layout for s in shapes]))
-    for name, which, shapes in layout:
-      group = next(g for g in plan.groups if g.name == name)
-      pieces.setdefault((name, which), []).append(
+    for group, which, shapes in layout:
+      pieces.setdefault((group.name, which), []).append(
           (plan.worker_blocks(device, group, which), tuple(next(flat) for _ in shapes)))
   return {key: tuple(groups_lib.in_order([p[i] for _, p in parts], [b for b, _ in parts])
                      for i in range(len(parts[0][1])))
@@ -187,8 +186,8 @@ def decompose_all(config: config_lib.KaisaConfig, plan: placement_lib.Placement,
   else:
     width = plan.outbox_words()
     outbox = switch(me, [functools.partial(lambda d, f: collectives.pad_to(collectives.pack(
-        [p for name, which, _ in _outbox_layout(plan, d)
-         for p in _own_shares(config, plan, d, f, damping)[(name, which)]],
+        [p for group, which, _ in _outbox_layout(plan, d)
+         for p in _own_shares(config, plan, d, f, damping)[(group.name, which)]],
         config.inv_dtype), width), d) for d in range(plan.num_devices)], factors)
     inbox = collectives.gather_within(outbox, config.axis_name, plan.columns)
     branches = [functools.partial(lambda j, ib, st: _install(

@@ -49,32 +49,11 @@ class FactorShape:
     """Entries stored."""
     return math.prod(self.shape)
 
-  def packed_words(self, symmetric: bool) -> int:
-    """Entries sent in a Factor-Reduce (the upper triangles when ``symmetric``)."""
-    if self.diagonal or not symmetric:
-      return self.words
-    return self.blocks * self.size * (self.size + 1) // 2
-
-  def decomposition_shapes(self, method: str) -> list[tuple[int, ...]]:
-    """Shapes of one factor's decomposition: 'eigen' (vectors, values), 'inverse' (inverse,).
-
-    A diagonal factor is its own eigendecomposition: values only, and its
-    damped inverse is a vector.
-    """
-    if method == "inverse" or self.diagonal:
-      return [self.shape]
-    return [self.shape, self.shape[:-1]]
-
   def cost(self, power: int) -> float:
     """Decomposition cost: n^power per block (n for a diagonal)."""
     if self.diagonal:
       return float(self.size)
     return self.blocks * float(self.size) ** power
-
-  def identity(self, dtype) -> jax.Array:
-    if self.diagonal:
-      return jnp.ones(self.shape, dtype)
-    return jnp.broadcast_to(jnp.eye(self.size, dtype=dtype), self.shape)
 
   def __str__(self) -> str:
     if self.diagonal:
