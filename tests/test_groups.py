@@ -40,6 +40,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import kaisa_jax
@@ -538,15 +539,72 @@ def test_shared_inputs_are_found_and_their_a_computed_once():
   # tokens) fewer per layer that reuses another's: k and v (n = 12), up (n = 12).
   rows = x.shape[0] * x.shape[1]
   assert runs["unshared"][0] - runs["shared"][0] >= 3 * 2 * rows * 12 ** 2
-  for a, b in zip(jax.tree.leaves(runs["shared"][1]), jax.tree.leaves(runs["unshared"][1])):
+  # The same updates, and per layer the same factors (the shared state holds fewer A blocks).
+  layer_factors = {name: kaisa_jax.placement(reg, 1).layer_factors(runs[name][1][1])
+                   for name, reg in (("shared", registry), ("unshared", unshared))}
+  for a, b in zip(jax.tree.leaves((runs["shared"][1][0], layer_factors["shared"])),
+                  jax.tree.leaves((runs["unshared"][1][0], layer_factors["unshared"]))):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
 
 
-def test_weight_sharing_modes_that_differ_keep_separate_a():
+def test_shared_a_is_stored_and_decomposed_once():
   loss_fn, params, x, t = _shared_problem()
   registry = kaisa_jax.find_layers(loss_fn, params, x, t)
-  tx = kaisa_jax.kaisa(registry, weight_sharing={"^v$": "reduce"})
-  assert dict(tx.update.args[0].a_sources) == {"k": "q", "up": "gate"}
+  tx = kaisa_jax.kaisa(registry)
+  state = tx.init(params)
+  plan = kaisa_jax.placement(registry, 1)
+  (qkv,) = [g for g in plan.groups if "q" in g.names]
+  # q, k, v, o: four G blocks, two A blocks (q's for q, k, v; o's own).
+  assert (qkv.blocks, qkv.a_blocks) == (4, 2)
+  assert qkv.a_index == (0, 0, 0, 1) and qkv.names == ("q", "k", "v", "o")
+  assert state.factors[qkv.name].a_factor.shape == (2, 13, 13)
+  assert state.decompositions[qkv.name].a_eigvecs.shape == (2, 13, 13)
+  assert state.decompositions[qkv.name].inv_eigval_outer.shape == (4, 12, 13)
+  per_layer = plan.layer_factors(state)
+  assert per_layer["v"].a_factor.shape == (13, 13)
+  # The table says whose A a layer uses; only owners decompose an A.
+  rows = {line.split()[0]: line for line in plan.table().splitlines() if line.strip()}
+  assert "(q's A)" in rows["k"] and "(gate's A)" in rows["up"] and "(" not in rows["o"]
+  assert "q:A" in plan.table() and "k:A" not in plan.table() and "up:A" not in plan.table()
+
+
+@pytest.mark.parametrize("method", ["eigen", "inverse"])
+def test_a_rejected_shared_a_rejects_every_layer_that_uses_it(method):
+  loss_fn, params, x, t = _shared_problem()
+  registry = kaisa_jax.find_layers(loss_fn, params, x, t)
+  tx = kaisa_jax.kaisa(registry, compute_method=method, kl_clip=None)
+  plan = kaisa_jax.placement(registry, 1, compute_method=method)
+
+  @jax.jit
+  def step(params, state, x, t):
+    _, grads, captures = kaisa_jax.value_and_grad(loss_fn)(params, x, t)
+    return tx.update(grads, state, params, captures=captures)
+
+  _, state = step(params, tx.init(params), x, t)
+  # q's A, which k and v use too, is broken: the next decomposition of it is not finite.
+  (qkv,) = [g for g in plan.groups if "q" in g.names]
+  f = state.factors[qkv.name]
+  before = state._replace(factors=dict(state.factors, **{qkv.name: f._replace(
+      a_factor=f.a_factor.at[qkv.a_block_range("q").start, 0, 0].set(jnp.nan))}))
+  _, after = step(params, before, 2 * x, t)
+  assert int(after.rejected_decompositions) == 3  # q, k and v; not o
+  old, new = plan.layer_decompositions(before), plan.layer_decompositions(after)
+  for name in ("q", "k", "v"):
+    for a, b in zip(jax.tree.leaves(new[name]), jax.tree.leaves(old[name])):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # o (same group, its own A) took its new decomposition.
+  assert not np.allclose(np.asarray(new["o"][0]), np.asarray(old["o"][0]))
+  assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(new))
+
+
+def test_weight_sharing_modes_that_differ_in_one_sharing_set_are_refused():
+  loss_fn, params, x, t = _shared_problem()
+  registry = kaisa_jax.find_layers(loss_fn, params, x, t)
+  with pytest.raises(ValueError, match="'q' and 'v' read the same input.*'expand' and 'reduce'"):
+    kaisa_jax.kaisa(registry, weight_sharing={"^v$": "reduce"})
+  # The same mode for the whole set is fine.
+  tx = kaisa_jax.kaisa(registry, weight_sharing={"^[qkv]$": "reduce"})
+  assert dict(tx.update.args[0].a_sources) == {"k": "q", "v": "q", "up": "gate"}
   tx = kaisa_jax.kaisa(registry, skip_layers=("^q$",))
   assert dict(tx.update.args[0].a_sources) == {"v": "k", "up": "gate"}
 
@@ -611,3 +669,94 @@ def test_mixed_groups_on_8_devices_match_single_device(method, frac, mapped):
   expected = dist.run_single(layers, method, model=MIXED_MODEL)
   dist.assert_trajectories_close(run_on_8_devices(layers, method, frac, mapped, MIXED_MODEL),
                                  expected)
+
+
+class SharedInputNet(nn.Module):
+  """Two sharing sets (q, k, v and gate, up) beside layers of their own A."""
+
+  @nn.compact
+  def __call__(self, x):
+    h = x.reshape(x.shape[0], 4, 8)
+    q, k, v = (nn.Dense(6, name=n)(h) for n in "qkv")
+    attention = jax.nn.softmax(q @ jnp.swapaxes(k, -1, -2) / 6 ** 0.5) @ v
+    h = jnp.tanh(nn.Dense(8, name="o")(attention)) + h
+    h = jnp.tanh(nn.Dense(5, name="gate")(h)) * nn.Dense(5, name="up")(h)
+    return nn.Dense(3, name="head")(h.reshape(h.shape[0], -1))
+
+
+SHARED_MODEL = SharedInputNet()
+
+
+@pytest.fixture(scope="module")
+def shared_layers():
+  x, y = next(dist.batches())
+  layers = kaisa_jax.find_layers(dist.make_loss(SHARED_MODEL),
+                                 dist.initial_params(SHARED_MODEL), x, y)
+  assert layers.shared_inputs == (("q", "k", "v"), ("gate", "up"))
+  return layers
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method, frac, mapped, colocate", [
+    ("eigen", 1 / 8, "pmap", True), ("eigen", 2 / 8, "shard_map", False),
+    ("inverse", 4 / 8, "pmap", False), ("inverse", 1 / 8, "shard_map", True),
+    ("eigen", 1.0, "shard_map", True)])
+def test_shared_a_on_8_devices_matches_single_device(shared_layers, method, frac, mapped,
+                                                    colocate):
+  plan = kaisa_jax.placement(shared_layers, 8, frac, colocate_factors=colocate)
+  # A sharing set is placed as one: one column, its A decomposed by its first layer's worker.
+  for names in shared_layers.shared_inputs:
+    placed = [plan.placed(n) for n in names]
+    assert len({(p.column, p.a_worker) for p in placed}) == 1, placed
+  expected = dist.run_single(shared_layers, method, model=SHARED_MODEL)
+  if mapped == "pmap":
+    actual = dist.run_pmap(shared_layers, method, 8, frac, model=SHARED_MODEL,
+                           colocate_factors=colocate)
+  else:
+    actual = dist.run_shard_map(shared_layers, method, 8, frac, check_vma=frac == 1.0,
+                                model=SHARED_MODEL, colocate_factors=colocate)
+  dist.assert_trajectories_close(actual, expected)
+
+
+@pytest.mark.slow
+def test_shared_a_collective_bytes_and_checkpoint_moves(shared_layers):
+  frac = 1 / 4
+  opt = optax.chain(kaisa_jax.kaisa(shared_layers, axis_name=dist.AXIS, grad_worker_frac=frac),
+                    optax.sgd(dist.LR))
+  init, step = dist.shard_map_program(opt, dist.data_mesh(8), check_vma=False,
+                                      model=SHARED_MODEL)
+  params = dist.initial_params(SHARED_MODEL)
+  x, y = next(dist.batches())
+  hlo = step.lower(params, jax.eval_shape(init, params), x, y).compile().as_text()
+  plan = kaisa_jax.placement(shared_layers, 8, frac)
+  expected = {"all-reduce": sum(p.size * 4 for p in jax.tree.leaves(params)), "all-gather": 0}
+  for k in plan.collectives():
+    if k["bytes"] is not None:
+      expected[k["op"]] += k["bytes"]
+  assert dist.collective_bytes(hlo) == expected
+  # One A per sharing set crosses the Factor-Reduce: 3 A blocks (9 x 9: 8 inputs and
+  # the bias) fewer than one per layer, as upper triangles.
+  factor_reduce = next(k for k in plan.collectives() if k["step"] == "factor step")
+  unshared = kaisa_jax.placement(dataclasses.replace(shared_layers, shared_inputs=()), 8, frac)
+  saved = next(k for k in unshared.collectives() if k["step"] == "factor step")["bytes"]
+  assert saved - factor_reduce["bytes"] == 3 * (9 * 10 // 2) * 4
+  # A state from 8 devices at 1/4 continues on 2 at 1/2 as on one device.
+  data = list(dist.batches())
+  opt8 = dist.make_opt(shared_layers, "eigen", axis_name=dist.AXIS, grad_worker_frac=frac,
+                       inv_update_steps=3)
+  init8, step8 = dist.shard_map_program(opt8, dist.data_mesh(8), False, SHARED_MODEL)
+  state = init8(params)
+  for x, y in data[:2]:
+    params, state = step8(params, state, x, y)
+  plan2 = kaisa_jax.placement(shared_layers, 2, 1 / 2)
+  params, state = jax.device_get(params), kaisa_jax.convert_state(jax.device_get(state), plan,
+                                                                   plan2)
+  opt2 = dist.make_opt(shared_layers, "eigen", axis_name=dist.AXIS, grad_worker_frac=1 / 2,
+                       inv_update_steps=3)
+  _, step2 = dist.shard_map_program(opt2, dist.data_mesh(2), False, SHARED_MODEL)
+  trajectory = []
+  for x, y in data[2:]:
+    params, state = step2(params, state, x, y)
+    trajectory.append(params)
+  expected = dist.run_single(shared_layers, "eigen", model=SHARED_MODEL, inv_update_steps=3)
+  dist.assert_trajectories_close(trajectory, expected[2:])

@@ -186,9 +186,7 @@ class KaisaConfig:
       (before weight sharing): the placement and the state layout depend on
       these alone, so ``kaisa_jax.placement`` describes any ``kaisa`` on them.
     placement_options: the keyword arguments of ``placement_lib.plan``
-      other than the layers and the device count.
-    a_sources: (layer, source) pairs: ``layer`` shares ``source``'s input and
-      computes A from it the same way, so it takes ``source``'s A.
+      other than the layers and the device count, among them ``a_sources``.
   """
   registry: layers_lib.LayerRegistry
   layers: tuple
@@ -207,7 +205,12 @@ class KaisaConfig:
   g_factor_scaling: str
   registry_layers: tuple
   placement_options: tuple
-  a_sources: tuple = ()
+
+  @property
+  def a_sources(self) -> tuple:
+    """(layer, source) pairs: ``layer`` shares ``source``'s input and computes A
+    from it the same way, so it uses ``source``'s A (stored once)."""
+    return dict(self.placement_options)["a_sources"]
 
   def plan(self, num_devices: int) -> placement_lib.Placement:
     """The static placement on ``num_devices`` devices (cached)."""
@@ -247,8 +250,7 @@ def shared_a_sources(registry: layers_lib.LayerRegistry, layers: tuple) -> tuple
   """(layer, source) pairs among the preconditioned ``layers`` with one A.
 
   Of each of the registry's shared-input sets, the preconditioned members
-  whose (weight-sharing-resolved) signatures agree take the first one's A;
-  a member skipped or set to another weight-sharing mode keeps its own.
+  whose signatures agree take the first one's A; a skipped member has none.
   """
   by_name = {l.name: l for l in layers}
   pairs = []
@@ -260,6 +262,22 @@ def shared_a_sources(registry: layers_lib.LayerRegistry, layers: tuple) -> tuple
         if source != name:
           pairs.append((name, source))
   return tuple(pairs)
+
+
+def _check_shared_a(config: KaisaConfig):
+  """Raises if weight sharing gives layers that use one A different ways to compute it."""
+  if shared_a_sources(config.registry, config.layers) == config.a_sources:
+    return
+  by_name = {l.name: l for l in config.layers}
+  mode = lambda name: getattr(getattr(by_name[name], "inner", by_name[name]),
+                              "weight_sharing", None)
+  for layer, source in config.a_sources:
+    if groups_lib.signature(by_name[layer]) != groups_lib.signature(by_name[source]):
+      raise ValueError(
+          f"layers {source!r} and {layer!r} read the same input, so kaisa keeps one A for "
+          f"them, but weight_sharing gives them different modes "
+          f"({mode(source)!r} and {mode(layer)!r}): give the layers fed one "
+          "input the same mode.")
 
 
 @functools.lru_cache(maxsize=None)
@@ -275,7 +293,7 @@ def _resolved_groups(groups: tuple, layers: tuple) -> tuple:
 
 def placement_options(*, grad_worker_frac, colocate_factors, cost_model, compute_method,
                       eigenvalue_outer_product, symmetric_factors, factor_dtype,
-                      inv_dtype) -> tuple:
+                      inv_dtype, a_sources) -> tuple:
   """The placement's keyword arguments as a hashable tuple, dtypes checked."""
   if isinstance(grad_worker_frac, jax.core.Tracer):
     raise ValueError(
@@ -287,7 +305,8 @@ def placement_options(*, grad_worker_frac, colocate_factors, cost_model, compute
       eigenvalue_outer_product=bool(eigenvalue_outer_product),
       symmetric_factors=symmetric_factors,
       factor_itemsize=check_dtype("factor_dtype", factor_dtype).itemsize,
-      inv_itemsize=check_dtype("inv_dtype", inv_dtype).itemsize).items())
+      inv_itemsize=check_dtype("inv_dtype", inv_dtype).itemsize,
+      a_sources=tuple(a_sources)).items())
 
 
 def make_config(layers, *, damping, factor_decay, factor_update_steps, inv_update_steps,
@@ -319,7 +338,8 @@ def make_config(layers, *, damping, factor_decay, factor_update_steps, inv_updat
       grad_worker_frac=grad_worker_frac, colocate_factors=colocate_factors,
       cost_model=cost_model, compute_method=compute_method,
       eigenvalue_outer_product=eigenvalue_outer_product, symmetric_factors=symmetric_factors,
-      factor_dtype=factor_dtype, inv_dtype=inv_dtype)
+      factor_dtype=factor_dtype, inv_dtype=inv_dtype,
+      a_sources=shared_a_sources(layers, registry_layers))
   config = KaisaConfig(
       registry=layers, layers=with_weight_sharing(registry_layers, weight_sharing),
       damping=damping, factor_decay=factor_decay, kl_clip=kl_clip,
@@ -332,6 +352,6 @@ def make_config(layers, *, damping, factor_decay, factor_update_steps, inv_updat
       inv_dtype=check_dtype("inv_dtype", inv_dtype), axis_name=axis_name,
       g_factor_scaling=g_factor_scaling, registry_layers=registry_layers,
       placement_options=options)
-  config = dataclasses.replace(config, a_sources=shared_a_sources(layers, config.layers))
+  _check_shared_a(config)
   config.plan(1)  # checks the placement options now rather than at trace time
   return config

@@ -12,6 +12,10 @@ Everything here works on a group's stack (``groups.py``): every array carries
 a leading blocks axis, and the blocks are decomposed and preconditioned
 independently, in one call per stack. A diagonal A (Embed) is its own
 eigendecomposition: ``QA`` is the identity and is not stored (None).
+
+The A fields (``A_FIELDS``) have one block per A block of the stack, which
+is fewer than its G blocks where layers share an input (``LayerGroup.a_index``
+maps each G block to its A block); every other field has one per G block.
 """
 
 from __future__ import annotations
@@ -74,6 +78,8 @@ class Inverse(NamedTuple):
 
 Decomposition = Union[Eigen, EigenOuter, EigenCorrected, Inverse]
 COMPUTE_METHODS = ("eigen", "inverse", "ekfac")
+# Fields with one block per A block; the others have one per G block.
+A_FIELDS = ("a_eigvecs", "a_eigvals", "a_inv")
 
 
 def _transpose(m: jax.Array) -> jax.Array:
@@ -126,18 +132,24 @@ def decompose_factor(stack: jax.Array, diagonal: bool, damping, method: str, dty
   return vecs, vals
 
 
-def assemble(a_parts: tuple, g_parts: tuple, damping, method: str,
-             outer: bool) -> Decomposition:
-  """A stack's decomposition from its A and G shares (``decompose_factor``)."""
+def assemble(a_parts: tuple, g_parts: tuple, damping, method: str, outer: bool,
+             a_index=None) -> Decomposition:
+  """A stack's decomposition from its A and G shares (``decompose_factor``).
+
+  ``a_index``: per G block, its A block (``LayerGroup.a_index``); None when
+  they correspond one to one.
+  """
   if method == "inverse":
     return Inverse(a_parts[0], g_parts[0])
   a_vecs, a_vals = a_parts if len(a_parts) == 2 else (None, a_parts[0])
   g_vecs, g_vals = g_parts
+  if method == "eigen" and not outer:
+    return Eigen(a_vecs, g_vecs, a_vals, g_vals)
+  a_vals = a_vals if a_index is None else groups_lib.take_blocks(a_vals, a_index)
+  products = g_vals[..., :, None] * a_vals[..., None, :]  # (blocks, g, a)
   if method == "ekfac":
-    return EigenCorrected(a_vecs, g_vecs, g_vals[..., :, None] * a_vals[..., None, :])
-  if outer:
-    return EigenOuter(a_vecs, g_vecs, 1 / (g_vals[..., :, None] * a_vals[..., None, :] + damping))
-  return Eigen(a_vecs, g_vecs, a_vals, g_vals)
+    return EigenCorrected(a_vecs, g_vecs, products)
+  return EigenOuter(a_vecs, g_vecs, 1 / (products + damping))
 
 
 def decompose(f: factors_lib.LayerFactors, damping, method: str, outer: bool,
@@ -163,13 +175,17 @@ def decomposition_type(method: str, outer: bool) -> type:
   return EigenOuter if outer else Eigen
 
 
-def field_shapes(kind: type, group: groups_lib.LayerGroup,
-                 blocks: int) -> list[Optional[tuple[int, ...]]]:
-  """The shape of each field of a ``kind`` decomposition of ``blocks`` of ``group``.
+def field_shapes(kind: type, group: groups_lib.LayerGroup, blocks: Optional[int] = None,
+                 a_blocks: Optional[int] = None) -> list[Optional[tuple[int, ...]]]:
+  """The shape of each field of a ``kind`` decomposition of a stack of ``group``.
 
-  None for a field that is not stored (the eigenvectors of a diagonal A).
+  ``blocks`` G blocks and ``a_blocks`` A blocks (the group's own by
+  default). None for a field that is not stored (the eigenvectors of a
+  diagonal A).
   """
-  a, g = group.a_stack_shape(blocks), group.g_stack_shape(blocks)
+  blocks = group.blocks if blocks is None else blocks
+  a_blocks = group.a_blocks if a_blocks is None else a_blocks
+  a, g = group.a_stack_shape(a_blocks), group.g_stack_shape(blocks)
   shapes = {
       "a_eigvecs": None if group.a_diagonal else a,
       "g_eigvecs": g,
@@ -183,9 +199,9 @@ def field_shapes(kind: type, group: groups_lib.LayerGroup,
   return [shapes[field] for field in kind._fields]
 
 
-def identity_decomposition(group: groups_lib.LayerGroup, blocks: int, damping,
-                           method: str, outer: bool, dtype) -> Decomposition:
-  """The decomposition of ``blocks`` identity factor blocks, written down without any solve."""
+def identity_decomposition(group: groups_lib.LayerGroup, damping, method: str, outer: bool,
+                           dtype) -> Decomposition:
+  """The decomposition of ``group``'s stack of identity factors, written down without any solve."""
   kind = decomposition_type(method, outer)
   eye = lambda shape: jnp.broadcast_to(jnp.eye(shape[-1], dtype=dtype), shape)
   ones = lambda shape: jnp.ones(shape, dtype)
@@ -194,53 +210,81 @@ def identity_decomposition(group: groups_lib.LayerGroup, blocks: int, damping,
           "g_inv": lambda s: eye(s) / (1 + damping),
           "inv_eigval_outer": lambda s: ones(s) / (1 + damping)}
   return kind(*[None if shape is None else fill.get(field, ones)(shape)
-                for field, shape in zip(kind._fields, field_shapes(kind, group, blocks))])
+                for field, shape in zip(kind._fields, field_shapes(kind, group))])
+
+
+def select_blocks(d: Decomposition, blocks, a_blocks) -> Decomposition:
+  """``d`` restricted to G blocks ``blocks`` and A blocks ``a_blocks`` (static indices)."""
+  return type(d)(*[None if x is None else groups_lib.take_blocks(
+      x, a_blocks if field in A_FIELDS else blocks) for field, x in zip(d._fields, d)])
+
+
+def merge_blocks(pieces: list, blocks: list, a_blocks: list) -> Decomposition:
+  """The decomposition of a whole stack from ``pieces`` of it (``select_blocks``'s inverse).
+
+  ``blocks[i]`` / ``a_blocks[i]``: the G / A stack indices piece i holds.
+  """
+  first = pieces[0]
+  return type(first)(*[
+      None if first[k] is None else groups_lib.in_order(
+          [p[k] for p in pieces], a_blocks if field in A_FIELDS else blocks)
+      for k, field in enumerate(first._fields)])
 
 
 def _checked_fields(d: Decomposition) -> list:
-  """The fields whose finiteness decides a decomposition's: the eigenvalues (or what
-  is made of them) for the eigen methods, the inverses for 'inverse'.
+  """(field, value) pairs whose finiteness decides a decomposition's: the eigenvalues
+  (or what is made of them) for the eigen methods, the inverses for 'inverse'.
 
   jax's ``eigh`` returns NaN eigenvalues and eigenvectors together when LAPACK
   or cuSOLVER fails, so the (n,) values tell what the (n, n) vectors would,
   at a fraction of the reduction.
   """
   if isinstance(d, Eigen):
-    return [d.a_eigvals, d.g_eigvals]
-  if isinstance(d, EigenOuter):
-    return [d.inv_eigval_outer]
-  if isinstance(d, EigenCorrected):
-    return [d.scaling]
-  return [d.a_inv, d.g_inv]
+    names = ("a_eigvals", "g_eigvals")
+  elif isinstance(d, EigenOuter):
+    names = ("inv_eigval_outer",)
+  elif isinstance(d, EigenCorrected):
+    names = ("scaling",)
+  else:
+    names = ("a_inv", "g_inv")
+  return [(name, getattr(d, name)) for name in names]
 
 
-def keep_finite_members(new: Decomposition, old: Decomposition,
-                        member_blocks: tuple[int, ...]):
-  """Per member (a run of blocks), ``new`` where it is finite, else ``old``.
+def keep_finite_members(new: Decomposition, old: Decomposition, group: groups_lib.LayerGroup):
+  """Per sharing set of ``group`` (a member and those using its A), ``new`` where it is
+  finite, else ``old``.
 
   Args:
-    new, old: decompositions of the same stack of ``sum(member_blocks)`` blocks.
-    member_blocks: blocks of each member, in stack order.
+    new, old: decompositions of ``group``'s stack (e.g. a column's subset).
+    group: the members the stack holds.
 
   Returns:
     (kept, rejected): the decomposition, and the int32 count of members
     whose new decomposition was rejected.
   """
-  block_ok = jnp.stack([jnp.all(jnp.isfinite(x), axis=tuple(range(1, x.ndim)))
-                        for x in _checked_fields(new)]).all(axis=0)  # (blocks,)
-  if any(b != 1 for b in member_blocks):
-    segments = np.repeat(np.arange(len(member_blocks)), member_blocks)
-    member_ok = jax.ops.segment_min(block_ok.astype(jnp.int32), segments,
-                                    num_segments=len(member_blocks)) > 0
-    block_ok = member_ok[segments]
+  sets = np.asarray(group.sharing_sets())  # (members,)
+  g_segments = np.repeat(sets, group.member_blocks)  # (blocks,)
+  a_segments = np.repeat(np.arange(len(group.a_layers)), [l.blocks for l in group.a_layers])
+  checks = [(jnp.all(jnp.isfinite(x), axis=tuple(range(1, x.ndim))),
+             a_segments if field in A_FIELDS else g_segments)
+            for field, x in _checked_fields(new)]
+  if all(b == 1 for b in group.member_blocks) and not group.shares_a:
+    set_ok = jnp.stack([ok for ok, _ in checks]).all(axis=0)  # a block per set: no segments
   else:
-    member_ok = block_ok
-  kept = jax.tree.map(
-      lambda n, o: jnp.where(block_ok.reshape((-1,) + (1,) * (n.ndim - 1)), n, o), new, old)
-  return kept, jnp.sum(jnp.logical_not(member_ok)).astype(jnp.int32)
+    set_ok = jnp.stack([jax.ops.segment_min(ok.astype(jnp.int32), segments,
+                                            num_segments=len(group.a_layers)) > 0
+                        for ok, segments in checks]).all(axis=0)  # (sets,)
+
+  def keep(field, n, o):
+    block_ok = set_ok[a_segments if field in A_FIELDS else g_segments]
+    return jnp.where(block_ok.reshape((-1,) + (1,) * (n.ndim - 1)), n, o)
+
+  kept = type(new)(*[None if n is None else keep(field, n, o)
+                     for field, n, o in zip(new._fields, new, old)])
+  return kept, jnp.sum(jnp.logical_not(set_ok[sets])).astype(jnp.int32)
 
 
-def precondition(d: Decomposition, grad: jax.Array, damping) -> jax.Array:
+def precondition(d: Decomposition, grad: jax.Array, damping, a_index=None) -> jax.Array:
   """The preconditioned gradient matrices of a stack, in d's dtype.
 
   Args:
@@ -248,6 +292,8 @@ def precondition(d: Decomposition, grad: jax.Array, damping) -> jax.Array:
     grad: (blocks, g, a) gradient matrices.
     damping: γ (unused by ``EigenOuter`` and ``Inverse``, whose damping was
       fixed when decomposing).
+    a_index: per G block, its block of d's A fields (``LayerGroup.a_index``);
+      None when they correspond one to one.
 
   Returns:
     (blocks, g, a).
@@ -255,6 +301,9 @@ def precondition(d: Decomposition, grad: jax.Array, damping) -> jax.Array:
   Example:
     >>> p = precondition(decompose(f, 1e-3, "eigen", True, jnp.float32), grads, 1e-3)
   """
+  if a_index is not None:
+    d = type(d)(*[groups_lib.take_blocks(x, a_index) if field in A_FIELDS and x is not None
+                  else x for field, x in zip(d._fields, d)])
   grad = grad.astype(jax.tree.leaves(d)[0].dtype)
   if isinstance(d, Inverse):
     out = d.g_inv @ grad

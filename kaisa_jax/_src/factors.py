@@ -7,8 +7,7 @@ running average that starts from the identity.
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Mapping, NamedTuple, Optional
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,8 +23,9 @@ class LayerFactors(NamedTuple):
   Attributes:
     a_factor: activation covariance. For one layer: (a_size, a_size);
       (blocks, a_size, a_size) with several blocks, (a_size,) when diagonal
-      (``layer.a_factor_shape``). In ``KaisaState``, per group: (blocks,
-      a_size, a_size), or (blocks, a_size) when diagonal.
+      (``layer.a_factor_shape``). In ``KaisaState``, per group: (a_blocks,
+      a_size, a_size), or (a_blocks, a_size) when diagonal: one block per
+      block of the group's A owners (``LayerGroup.a_blocks``).
     g_factor: output-gradient covariance, (g_size, g_size) or (blocks,
       g_size, g_size) for one layer; (blocks, g_size, g_size) per group.
   """
@@ -75,14 +75,13 @@ def _factor(stats, calls, dtype) -> jax.Array:
 
 
 def group_batch_factors(group: groups_lib.LayerGroup, captures: dict, dtype,
-                        per_example: bool, a_sources: Optional[Mapping[str, str]] = None
-                        ) -> LayerFactors:
+                        per_example: bool) -> LayerFactors:
   """A and G of one batch for every member of ``group``, as its stacks.
 
   Members with the same signature and capture shapes are computed in one
-  ``vmap`` over their stacked captures (``groups.stat_units``). A member fed
-  the same input as another (``a_sources``) takes that layer's A blocks: its
-  statistics are computed once.
+  ``vmap`` over their stacked captures (``groups.stat_units``). A is
+  computed for the group's A owners only (``LayerGroup.a_layers``): a member
+  fed the same input as another uses that one's A.
 
   Args:
     group: the group.
@@ -90,13 +89,10 @@ def group_batch_factors(group: groups_lib.LayerGroup, captures: dict, dtype,
     dtype: ``factor_dtype``.
     per_example: multiply G by B², B the leading axis of the first call's
       input (``g_factor_scaling='per_example'``).
-    a_sources: layer name -> the member of ``group`` whose A it shares
-      (``LayerRegistry.shared_inputs``); layers not listed have their own.
 
   Returns:
     ``LayerFactors`` of ``group.a_stack_shape()`` and ``group.g_stack_shape()``.
   """
-  a_sources = a_sources or {}
   shapes_of = lambda name: capture_shapes(captures[name])
 
   def g_factor(layer, capture):
@@ -110,15 +106,13 @@ def group_batch_factors(group: groups_lib.LayerGroup, captures: dict, dtype,
                                  args_of, block_shapes)
 
   a_of = lambda layer, capture: _factor(layer.a_stats, capture.inputs, dtype)
-  if not any(l.name in a_sources for l in group.layers):
+  if not group.shares_a:
     return LayerFactors(*over(group, lambda l, c: (a_of(l, c), g_factor(l, c)),
                               (group.a_block_shape, group.g_block_shape)))
-  owners = dataclasses.replace(
-      group, layers=tuple(l for l in group.layers if l.name not in a_sources))
-  (owned,) = over(owners, lambda l, c: (a_of(l, c),), (group.a_block_shape,))
+  owners = group.subset([l.name for l in group.a_layers])
+  (a,) = over(owners, lambda l, c: (a_of(l, c),), (group.a_block_shape,))
   (g,) = over(group, lambda l, c: (g_factor(l, c),), (group.g_block_shape,))
-  index = [i for l in group.layers for i in owners.block_range(a_sources.get(l.name, l.name))]
-  return LayerFactors(groups_lib.take_blocks(owned, index), g)
+  return LayerFactors(a, g)
 
 
 def capture_shapes(capture: capture_lib.LayerCapture) -> tuple:

@@ -15,6 +15,12 @@ their statistics the same way (the same kind and configuration, differing
 only in name and parameter paths) sit side by side, so that their batch
 statistics and gradient matrices are computed in one ``vmap`` over their
 stacked captures and parameters (``stat_units``).
+
+Layers fed the very same input (the query, key and value projections of an
+attention block: ``LayerRegistry.shared_inputs``) have one A between them:
+the group keeps A blocks for its *A owners* only, and ``a_index`` says which
+A block each G block is preconditioned with. Without shared inputs the A
+and G stacks have the same blocks.
 """
 
 from __future__ import annotations
@@ -56,12 +62,69 @@ class LayerGroup:
     a_size, g_size: the side of one A block and one G block.
     a_diagonal: A blocks are diagonals, stored as ``(n,)`` rows.
     layers: the members, ordered by stats signature (then registry order).
+    a_owners: per member, the member whose A blocks it uses (itself, or the
+      first member fed the same input); empty when every member has its own.
   """
   name: str
   a_size: int
   g_size: int
   a_diagonal: bool
   layers: tuple[layers_lib.Layer, ...]
+  a_owners: tuple[str, ...] = ()
+
+  def a_owner(self, name: str) -> str:
+    """The member whose A blocks ``name`` uses."""
+    return self.a_owners[self.names.index(name)] if self.a_owners else name
+
+  @property
+  def a_layers(self) -> tuple[layers_lib.Layer, ...]:
+    """The members that own their A blocks, in member order (the A stack's order)."""
+    return tuple(l for l in self.layers if self.a_owner(l.name) == l.name)
+
+  @property
+  def a_blocks(self) -> int:
+    """Blocks of the A stack: the A owners' blocks."""
+    return sum(l.blocks for l in self.a_layers)
+
+  def a_block_range(self, name: str) -> range:
+    """The A-stack indices of the A blocks member ``name`` uses (its owner's)."""
+    owner = self.a_owner(name)
+    start = 0
+    for l in self.a_layers:
+      if l.name == owner:
+        return range(start, start + l.blocks)
+      start += l.blocks
+    raise KeyError(name)
+
+  @property
+  def a_index(self) -> tuple[int, ...]:
+    """Per G block (stack order), the index of the A block it goes with."""
+    return tuple(i for l in self.layers for i in self.a_block_range(l.name))
+
+  @property
+  def shares_a(self) -> bool:
+    return self.a_blocks != self.blocks
+
+  def sharing_sets(self) -> tuple[int, ...]:
+    """Per member, the index (in ``a_layers``) of the A owner it goes with.
+
+    A sharing set is decided as one: a decomposition of its A that is
+    rejected rejects every member that uses it.
+    """
+    owners = [l.name for l in self.a_layers]
+    return tuple(owners.index(self.a_owner(n)) for n in self.names)
+
+  def subset(self, names) -> "LayerGroup":
+    """The group of the members in ``names`` (member order kept), e.g. a column's.
+
+    Every member's A owner must be among them.
+    """
+    keep = [i for i, n in enumerate(self.names) if n in set(names)]
+    owners = tuple(self.a_owners[i] for i in keep) if self.a_owners else ()
+    if not set(owners) <= {self.names[i] for i in keep}:
+      raise ValueError(f"{self.name}: a subset of members without the A owner of some.")
+    return dataclasses.replace(self, layers=tuple(self.layers[i] for i in keep),
+                               a_owners=owners)
 
   @property
   def names(self) -> tuple[str, ...]:
@@ -99,8 +162,8 @@ class LayerGroup:
     return (self.g_size, self.a_size)
 
   def a_stack_shape(self, blocks: Optional[int] = None) -> tuple[int, ...]:
-    """(blocks, n, n), or (blocks, n) for a diagonal A; ``blocks``: all by default."""
-    return (self.blocks if blocks is None else blocks,) + self.a_block_shape
+    """(blocks, n, n), or (blocks, n) for a diagonal A; ``blocks``: ``a_blocks`` by default."""
+    return (self.a_blocks if blocks is None else blocks,) + self.a_block_shape
 
   def g_stack_shape(self, blocks: Optional[int] = None) -> tuple[int, ...]:
     return (self.blocks if blocks is None else blocks,) + self.g_block_shape
@@ -109,7 +172,8 @@ class LayerGroup:
     return (self.blocks if blocks is None else blocks,) + self.grad_block_shape
 
   def __str__(self) -> str:
-    return f"{self.name} ({len(self.layers)} layers, {self.blocks} blocks)"
+    shared = f", {self.a_blocks} A blocks" if self.shares_a else ""
+    return f"{self.name} ({len(self.layers)} layers, {self.blocks} blocks{shared})"
 
 
 def group_name(layer: layers_lib.Layer) -> str:
@@ -118,12 +182,19 @@ def group_name(layer: layers_lib.Layer) -> str:
   return f"a{layer.a_size}{diag}_g{layer.g_size}"
 
 
-def group_layers(layers: tuple[layers_lib.Layer, ...]) -> tuple[LayerGroup, ...]:
+def group_layers(layers: tuple[layers_lib.Layer, ...],
+                 a_sources: tuple[tuple[str, str], ...] = ()) -> tuple[LayerGroup, ...]:
   """The groups of ``layers``, in order of their first member in the registry.
 
   Within a group, members with the same ``signature`` are adjacent (in
   order of first appearance, registry order within one signature).
+
+  Args:
+    layers: the preconditioned layers, in registry order.
+    a_sources: (layer, source) pairs: ``layer`` uses ``source``'s A
+      (``config.shared_a_sources``); both must have equal signatures.
   """
+  source_of = dict(a_sources)
   by_group: dict[str, list[layers_lib.Layer]] = {}
   for layer in layers:
     by_group.setdefault(group_name(layer), []).append(layer)
@@ -134,8 +205,10 @@ def group_layers(layers: tuple[layers_lib.Layer, ...]) -> tuple[LayerGroup, ...]
       first_seen.setdefault(signature(layer), len(first_seen))
     ordered = sorted(members, key=lambda l: first_seen[signature(l)])  # stable
     first = ordered[0]
+    owners = tuple(source_of.get(l.name, l.name) for l in ordered)
     groups.append(LayerGroup(name, first.a_size, first.g_size, first.a_diagonal,
-                             tuple(ordered)))
+                             tuple(ordered), owners if owners != tuple(l.name for l in ordered)
+                             else ()))
   return tuple(groups)
 
 

@@ -12,6 +12,8 @@ KAISA lays the N devices of the data-parallel axis out as a grid of
 Layers go to columns greedily, largest decomposition cost first, each to the
 column with the least load; within the column the A and G decompositions go
 to its least loaded device (both to one device with ``colocate_factors``).
+Layers fed the same input (one A between them, see ``groups.py``) are placed
+as one: one column, their A decomposed once, by the first one's A worker.
 
 With more than one column a device keeps only its column's eigen data, packed
 into one flat buffer; every device's buffer has the length of the largest
@@ -34,7 +36,6 @@ import functools
 import math
 from typing import Sequence
 
-import jax
 
 from kaisa_jax._src import collectives
 from kaisa_jax._src import eigen as eigen_lib
@@ -154,15 +155,24 @@ class Placement:
     """The blocks of ``group``'s stack whose layers ``column`` holds, in stack order."""
     return self._blocks_where(group, lambda p: p.column == column)
 
-  def column_member_blocks(self, column: int, group: groups_lib.LayerGroup) -> tuple[int, ...]:
-    """Blocks of each of ``group``'s members that ``column`` holds, in stack order."""
-    return tuple(l.blocks for l in group.layers if self.placed(l.name).column == column)
+  def column_a_blocks(self, column: int, group: groups_lib.LayerGroup) -> tuple[int, ...]:
+    """The A-stack indices of the A blocks ``column`` holds, in stack order."""
+    return tuple(i for l in group.a_layers if self.placed(l.name).column == column
+                 for i in group.a_block_range(l.name))
+
+  def column_group(self, column: int, group: groups_lib.LayerGroup) -> groups_lib.LayerGroup:
+    """``group``'s members that ``column`` holds: the layout of its sub-stacks there."""
+    return group.subset([l.name for l in group.layers
+                         if self.placed(l.name).column == column])
 
   def worker_blocks(self, device: int, group: groups_lib.LayerGroup,
                     which: str) -> tuple[int, ...]:
-    """The blocks of ``group`` whose A (``which='a'``) or G ``device`` decomposes."""
-    worker = lambda p: p.a_worker if which == "a" else p.g_worker
-    return self._blocks_where(group, lambda p: worker(p) == device)
+    """The indices into ``group``'s A (``which='a'``) or G stack of the blocks
+    ``device`` decomposes."""
+    if which == "a":
+      return tuple(i for l in group.a_layers if self.placed(l.name).a_worker == device
+                   for i in group.a_block_range(l.name))
+    return self._blocks_where(group, lambda p: p.g_worker == device)
 
   def share_shapes(self, group: groups_lib.LayerGroup, which: str,
                    blocks: int) -> list[tuple[int, ...]]:
@@ -173,17 +183,23 @@ class Placement:
       return [stack]
     return [stack, stack[:-1]]
 
-  def stored_shapes(self, group: groups_lib.LayerGroup, blocks: int) -> list:
-    """Shapes of the fields of a decomposition of ``blocks`` blocks (None: not stored)."""
+  def stored_shapes(self, group: groups_lib.LayerGroup, blocks=None, a_blocks=None) -> list:
+    """Shapes of the fields of a decomposition of ``group``'s stack (None: not stored);
+    ``blocks``, ``a_blocks`` as ``eigen.field_shapes`` takes them."""
     kind = eigen_lib.decomposition_type(self.compute_method, self.eigenvalue_outer_product)
-    return eigen_lib.field_shapes(kind, group, blocks)
+    return eigen_lib.field_shapes(kind, group, blocks, a_blocks)
 
-  def _stored_words(self, group: groups_lib.LayerGroup, blocks: int) -> int:
-    return sum(math.prod(s) for s in self.stored_shapes(group, blocks) if s is not None)
+  def _stored_words(self, group: groups_lib.LayerGroup, blocks=None, a_blocks=None) -> int:
+    return sum(math.prod(s) for s in self.stored_shapes(group, blocks, a_blocks)
+               if s is not None)
+
+  def _held_groups(self, column: int) -> list[groups_lib.LayerGroup]:
+    """``column_group`` of every group with members in ``column``."""
+    return [self.column_group(column, g) for g in self.groups if self.column_blocks(column, g)]
 
   def local_words(self) -> int:
     """Length of a device's packed eigen data (the largest column's), with several columns."""
-    return max(sum(self._stored_words(g, len(self.column_blocks(j, g))) for g in self.groups)
+    return max(sum(self._stored_words(g) for g in self._held_groups(j))
                for j in range(self.num_columns))
 
   # ------------------------------------------------- the state's layout
@@ -200,15 +216,14 @@ class Placement:
     Returns:
       (local_words(),) vector.
     """
-    leaves = [x for g in self.groups if self.column_blocks(column, g)
+    leaves = [x for g in self._held_groups(column)
               for x in decompositions[g.name] if x is not None]
     return collectives.pad_to(collectives.pack(leaves, dtype), self.local_words())
 
   def unpack_column(self, column: int, packed) -> dict:
     """The inverse of ``pack_column``: {group name: decomposition of the column's blocks}."""
     kind = eigen_lib.decomposition_type(self.compute_method, self.eigenvalue_outer_product)
-    held = [(g, self.stored_shapes(g, len(self.column_blocks(column, g))))
-            for g in self.groups if self.column_blocks(column, g)]
+    held = [(g, self.stored_shapes(g)) for g in self._held_groups(column)]
     pieces = iter(collectives.unpack(
         packed, [s for _, shapes in held for s in shapes if s is not None]))
     return {g.name: kind(*[None if s is None else next(pieces) for s in shapes])
@@ -238,9 +253,9 @@ class Placement:
     out = {}
     for g in self.groups:
       held = [j for j in range(self.num_columns) if self.column_blocks(j, g)]
-      out[g.name] = jax.tree.map(
-          lambda *pieces: groups_lib.in_order(pieces, [self.column_blocks(j, g) for j in held]),
-          *[per_column[j][g.name] for j in held])
+      out[g.name] = eigen_lib.merge_blocks([per_column[j][g.name] for j in held],
+                                           [self.column_blocks(j, g) for j in held],
+                                           [self.column_a_blocks(j, g) for j in held])
     return out
 
   def layer_factors(self, state) -> dict:
@@ -258,8 +273,8 @@ class Placement:
     out = {}
     for l in self.layers:
       f = state.factors[self.group_of(l.name).name]
-      out[l.name] = type(f)(self._per_layer(l.name, f.a_factor, l.a_shape.shape),
-                            self._per_layer(l.name, f.g_factor, l.g_shape.shape))
+      out[l.name] = type(f)(self._per_layer(l.name, f.a_factor, True, l.a_shape.shape),
+                            self._per_layer(l.name, f.g_factor, False, l.g_shape.shape))
     return out
 
   def layer_decompositions(self, state) -> dict:
@@ -273,13 +288,16 @@ class Placement:
     out = {}
     for l in self.layers:
       d = groups[self.group_of(l.name).name]
-      out[l.name] = type(d)(*[None if x is None else self._per_layer(l.name, x)
-                              for x in d])
+      out[l.name] = type(d)(*[
+          None if x is None else self._per_layer(l.name, x, field in eigen_lib.A_FIELDS)
+          for field, x in zip(d._fields, d)])
     return out
 
-  def _per_layer(self, name: str, stack, shape=None):
-    """Layer ``name``'s blocks of a group ``stack``, without the blocks axis for one block."""
-    held = self.group_of(name).block_range(name)
+  def _per_layer(self, name: str, stack, a_side: bool, shape=None):
+    """Layer ``name``'s blocks of a group's A (``a_side``) or G-blocked ``stack``,
+    without the blocks axis for one block."""
+    group = self.group_of(name)
+    held = group.a_block_range(name) if a_side else group.block_range(name)
     blocks = stack[held.start:held.stop]
     if shape is not None:
       return blocks.reshape(shape)
@@ -291,7 +309,7 @@ class Placement:
                    blocks: int = 1) -> int:
     """Words a decomposition of ``blocks`` (g_size, a_size) blocks keeps in the state."""
     group = groups_lib.LayerGroup("", a_size, g_size, a_diagonal, ())
-    return self._stored_words(group, blocks)
+    return self._stored_words(group, blocks, blocks)
 
   def outbox_words(self) -> int:
     """Length of the decomposition-step buffer every device sends (the largest)."""
@@ -309,7 +327,7 @@ class Placement:
     factors = sum(math.prod(g.a_stack_shape()) + math.prod(g.g_stack_shape())
                   for g in self.groups) * self.factor_itemsize
     if self.num_columns == 1:
-      eigen = sum(self._stored_words(g, g.blocks) for g in self.groups)
+      eigen = sum(self._stored_words(g) for g in self.groups)
     else:
       eigen = self.local_words()
     eigen *= self.inv_itemsize
@@ -360,7 +378,7 @@ class Placement:
     """Words a group's factors send in a Factor-Reduce (upper triangles when symmetric)."""
     tri = lambda n: n * (n + 1) // 2 if self.symmetric_factors else n * n
     a = group.a_size if group.a_diagonal else tri(group.a_size)
-    return group.blocks * (a + tri(group.g_size))
+    return group.a_blocks * a + group.blocks * tri(group.g_size)
 
   def table(self) -> str:
     """The plan as text: per layer, per device, per collective."""
@@ -369,13 +387,17 @@ class Placement:
              f"worker(s) per layer ({self.strategy}), {c} grad-worker group(s)"]
     rows = [("layer", "A size", "G size", "group", "A worker", "G worker", "grad workers")]
     for l in self.layers:
-      rows.append((l.name, str(l.a_shape), str(l.g_shape), self.group_of(l.name).name,
-                   str(l.a_worker), str(l.g_worker), ",".join(map(str, self.columns[l.column]))))
+      group = self.group_of(l.name)
+      owner = group.a_owner(l.name)
+      a_worker = str(l.a_worker) + ("" if owner == l.name else f" ({owner}'s A)")
+      rows.append((l.name, str(l.a_shape), str(l.g_shape), group.name, a_worker,
+                   str(l.g_worker), ",".join(map(str, self.columns[l.column]))))
     lines += _format(rows)
     lines.append("")
     rows = [("device", "factor bytes", "eigen bytes", "decomposes")]
     for d in self.device_bytes():
-      work = [f"{l.name}:A" for l in self.layers if l.a_worker == d["device"]]
+      work = [f"{l.name}:A" for l in self.layers if l.a_worker == d["device"]
+              and self.group_of(l.name).a_owner(l.name) == l.name]
       work += [f"{l.name}:G" for l in self.layers if l.g_worker == d["device"]]
       rows.append((str(d["device"]), f"{d['factor_bytes']:,}", f"{d['eigen_bytes']:,}",
                    " ".join(work) or "-"))
@@ -423,8 +445,12 @@ def plan(layers: Sequence[layers_lib.Layer], num_devices: int, grad_worker_frac:
          *, colocate_factors: bool = True, cost_model: str = "compute",
          compute_method: str = "eigen", eigenvalue_outer_product: bool = True,
          symmetric_factors: bool = True, factor_itemsize: int = 4,
-         inv_itemsize: int = 4) -> Placement:
-  """The greedy KAISA assignment for ``layers`` (registry order kept)."""
+         inv_itemsize: int = 4, a_sources: tuple = ()) -> Placement:
+  """The greedy KAISA assignment for ``layers`` (registry order kept).
+
+  ``a_sources``: (layer, source) pairs, ``layer`` using ``source``'s A
+  (``config.shared_a_sources``); each source and its sharers are placed as one.
+  """
   if int(num_devices) != num_devices or num_devices < 1:
     raise ValueError(f"num_devices must be an integer >= 1, got {num_devices!r}.")
   if cost_model not in COST_MODELS:
@@ -438,32 +464,53 @@ def plan(layers: Sequence[layers_lib.Layer], num_devices: int, grad_worker_frac:
         f"device's own rows in those bases. Got grad_worker_frac={grad_worker_frac!r} on "
         f"{num_devices} devices.")
   power = 3 if cost_model == "compute" else 2
-  cost = lambda factor: factor.cost(power)
-  load = [0.0] * num_devices
-  members = [list(range(j, num_devices, columns)) for j in range(columns)]
-  # Largest first; ties in registry order, so the plan is deterministic.
-  order = sorted(range(len(layers)),
-                 key=lambda i: -(cost(layers[i].a_factor_shape) + cost(layers[i].g_factor_shape)))
-  assigned = {}
-  for i in order:
-    layer = layers[i]
-    column = min(range(columns), key=lambda j: (sum(load[d] for d in members[j]), j))
-    least = lambda: min(members[column], key=lambda d: (load[d], d))
-    if colocate_factors:
-      worker = least()
-      load[worker] += cost(layer.a_factor_shape) + cost(layer.g_factor_shape)
-      a_worker = g_worker = worker
-    else:
-      workers = {}
-      for which, n in sorted((("a", layer.a_factor_shape), ("g", layer.g_factor_shape)),
-                             key=lambda t: -cost(t[1])):
-        workers[which] = least()
-        load[workers[which]] += cost(n)
-      a_worker, g_worker = workers["a"], workers["g"]
-    assigned[i] = (column, a_worker, g_worker)
-  placed = tuple(LayerPlacement(l.name, l.a_factor_shape, l.g_factor_shape, *assigned[i])
-                 for i, l in enumerate(layers))
-  return Placement(num_devices, grad_workers, placed, groups_lib.group_layers(tuple(layers)),
-                   compute_method,
+  assigned = _assign(_placement_units(layers, a_sources), columns, num_devices,
+                     lambda factor: factor.cost(power), colocate_factors)
+  placed = tuple(LayerPlacement(l.name, l.a_factor_shape, l.g_factor_shape, *assigned[l.name])
+                 for l in layers)
+  return Placement(num_devices, grad_workers, placed,
+                   groups_lib.group_layers(tuple(layers), tuple(a_sources)), compute_method,
                    bool(eigenvalue_outer_product), bool(symmetric_factors),
                    factor_itemsize, inv_itemsize)
+
+
+def _placement_units(layers: Sequence[layers_lib.Layer], a_sources: tuple) -> list[list]:
+  """The layers as units placed as one: a layer with those that use its A, in registry order."""
+  source_of = dict(a_sources)
+  units: dict = {}
+  for layer in layers:
+    units.setdefault(source_of.get(layer.name, layer.name), []).append(layer)
+  return list(units.values())
+
+
+def _assign(units: list[list], columns: int, num_devices: int, cost,
+            colocate_factors: bool) -> dict:
+  """{layer name: (column, A worker, G worker)}: each unit, largest cost first, to the
+  least loaded column, and its decompositions to the column's least loaded devices.
+
+  A unit's A is its first layer's, decomposed once; ties go in registry order,
+  so the plan is deterministic.
+  """
+  load = [0.0] * num_devices
+  members = [list(range(j, num_devices, columns)) for j in range(columns)]
+  # Work items of a unit: its A once (key None), then each layer's G (key: its name).
+  items = lambda unit: [(None, unit[0].a_factor_shape)] + [(l.name, l.g_factor_shape)
+                                                           for l in unit]
+  unit_cost = lambda unit: sum(cost(f) for _, f in items(unit))
+  assigned = {}
+  for k in sorted(range(len(units)), key=lambda k: (-unit_cost(units[k]), k)):
+    unit = units[k]
+    column = min(range(columns), key=lambda j: (sum(load[d] for d in members[j]), j))
+    least = lambda: min(members[column], key=lambda d: (load[d], d))
+    workers = {}
+    if colocate_factors:
+      worker = least()
+      load[worker] += unit_cost(unit)
+      workers = {key: worker for key, _ in items(unit)}
+    else:
+      for key, factor in sorted(items(unit), key=lambda item: -cost(item[1])):
+        workers[key] = least()
+        load[workers[key]] += cost(factor)
+    for l in unit:
+      assigned[l.name] = (column, workers[None], workers[l.name])
+  return assigned

@@ -20,7 +20,6 @@ from kaisa_jax._src import collectives
 from kaisa_jax._src import config as config_lib
 from kaisa_jax._src import eigen as eigen_lib
 from kaisa_jax._src import factors as factors_lib
-from kaisa_jax._src import groups as groups_lib
 from kaisa_jax._src import placement as placement_lib
 
 
@@ -87,8 +86,8 @@ def identity_column(config: config_lib.KaisaConfig, plan: placement_lib.Placemen
                     column: int, damping) -> dict:
   """{group name: identity decomposition of the blocks ``column`` holds}."""
   return {g.name: eigen_lib.identity_decomposition(
-              g, len(plan.column_blocks(column, g)), damping, config.compute_method,
-              config.outer, config.inv_dtype)
+              plan.column_group(column, g), damping, config.compute_method, config.outer,
+              config.inv_dtype)
           for g in plan.groups if plan.column_blocks(column, g)}
 
 
@@ -202,8 +201,8 @@ def convert_state(opt_state, source: placement_lib.Placement,
       return node._replace(decompositions=by_group, local_decompositions=None)
     dtype = jax.tree.leaves(by_group)[0].dtype
     column_share = lambda j: {
-        g.name: jax.tree.map(lambda x: groups_lib.take_blocks(x, target.column_blocks(j, g)),
-                             by_group[g.name])
+        g.name: eigen_lib.select_blocks(by_group[g.name], target.column_blocks(j, g),
+                                        target.column_a_blocks(j, g))
         for g in target.groups if target.column_blocks(j, g)}
     # shard_map's global view of a device-local leaf: the devices' blocks end to end.
     local = jnp.concatenate([target.pack_column(target.column_of(d), column_share(
@@ -227,6 +226,11 @@ def _check_compatible(source: placement_lib.Placement, target: placement_lib.Pla
         f"convert_state: the placements hold different layers "
         f"({[l.name for l in source.layers]} vs {[l.name for l in target.layers]}); "
         "build both from the same registry and skip_layers.")
+  if source.groups != target.groups:
+    raise ValueError(
+        "convert_state: the placements lay the layers out in different groups (e.g. one "
+        "found layers fed the same input and the other did not); build both from the "
+        "same registry and skip_layers.")
   if (source.compute_method, source.eigenvalue_outer_product) != (
       target.compute_method, target.eigenvalue_outer_product):
     raise ValueError(

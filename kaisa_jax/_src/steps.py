@@ -70,9 +70,7 @@ def write_updates(groups, leaves: dict, stacks: dict) -> dict:
 def batch_factors(config: config_lib.KaisaConfig, groups, captures: dict) -> dict:
   """{group name: this batch's ``LayerFactors`` stacks}."""
   per_example = config.g_factor_scaling == "per_example"
-  a_sources = dict(config.a_sources)
-  return {g.name: factors_lib.group_batch_factors(g, captures, config.factor_dtype, per_example,
-                                                  a_sources)
+  return {g.name: factors_lib.group_batch_factors(g, captures, config.factor_dtype, per_example)
           for g in groups}
 
 
@@ -158,10 +156,10 @@ def _install(config, plan: placement_lib.Placement, column: int, shares: dict, s
   for g in plan.groups:
     if not plan.column_blocks(column, g):
       continue
+    sub = plan.column_group(column, g)
     d = eigen_lib.assemble(shares[(g.name, "a")], shares[(g.name, "g")], damping,
-                           config.compute_method, config.outer)
-    new[g.name], bad = eigen_lib.keep_finite_members(d, held[g.name],
-                                                     plan.column_member_blocks(column, g))
+                           config.compute_method, config.outer, sub.a_index)
+    new[g.name], bad = eigen_lib.keep_finite_members(d, held[g.name], sub)
     rejected = rejected + bad
   if plan.num_columns == 1:
     return new, rejected
@@ -210,7 +208,7 @@ def precondition_all(config: config_lib.KaisaConfig, plan: placement_lib.Placeme
     held = store if plan.num_columns == 1 else plan.unpack_column(j, store)
     return {g.name: eigen_lib.precondition(
                 held[g.name], groups_lib.take_blocks(grads[g.name], plan.column_blocks(j, g)),
-                damping)
+                damping, plan.column_group(j, g).a_index)
             for g in plan.groups if plan.column_blocks(j, g)}
 
   if plan.num_columns == 1:
@@ -255,7 +253,7 @@ def batch_moments(config: config_lib.KaisaConfig, groups, captures: dict, store:
 
   moments = {}
   for g in groups:
-    d = store[g.name]
+    d = eigen_lib.select_blocks(store[g.name], range(g.blocks), g.a_index)  # A per G block
 
     def args_of(unit, g=g, d=d):
       layer = unit.layer

@@ -297,10 +297,11 @@ def placement(layers: layers_lib.LayerRegistry, num_devices: int,
   """
   if isinstance(skip_layers, str):
     skip_layers = (skip_layers,)
+  active = config_lib.active_layers(layers, skip_layers)
   options = config_lib.placement_options(
       grad_worker_frac=grad_worker_frac, colocate_factors=colocate_factors,
       cost_model=cost_model, compute_method=compute_method,
       eigenvalue_outer_product=eigenvalue_outer_product, symmetric_factors=symmetric_factors,
-      factor_dtype=factor_dtype, inv_dtype=inv_dtype)
-  return placement_lib.plan(config_lib.active_layers(layers, skip_layers), num_devices,
-                            **dict(options))
+      factor_dtype=factor_dtype, inv_dtype=inv_dtype,
+      a_sources=config_lib.shared_a_sources(layers, active))
+  return placement_lib.plan(active, num_devices, **dict(options))

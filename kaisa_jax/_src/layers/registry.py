@@ -60,7 +60,7 @@ class LayerRegistry:
     shared_inputs: sets of layers (names, registry order) fed the very same
       input in every call and computing A from it the same way (the q, k
       and v projections of one attention block, the branches of a gated
-      MLP): their A factor is one, computed once per step
+      MLP): their A factor is one, computed, stored and decomposed once
       (``a_source``).
   """
   layers: tuple[Layer, ...]
