@@ -194,14 +194,14 @@ def _kinds_data(seed):
           rng.normal(size=(BATCH, 2)).astype(np.float32))
 
 
-def _update_fn(model, params, xs, t, method, dtype="float32"):
+def _update_fn(model, params, xs, t, method, dtype="float32", g_factor_scaling="loss"):
   """(registry, init, jitted (params, state) -> (updates, state)) of a kaisa + SGD step."""
   loss_fn = scaled_mse(model, LOSS_SCALE)
   registry = kaisa_jax.find_layers(loss_fn, params, xs, t)
   opt = optax.chain(
       kaisa_jax.kaisa(registry, damping=0.05, factor_decay=0.7, kl_clip=None,
                       compute_method=method, inv_update_steps=2, factor_dtype=dtype,
-                      inv_dtype=dtype),
+                      inv_dtype=dtype, g_factor_scaling=g_factor_scaling),
       optax.sgd(0.1))
 
   @jax.jit
@@ -215,6 +215,17 @@ def _update_fn(model, params, xs, t, method, dtype="float32"):
 @pytest.mark.parametrize("method", ["eigen", "inverse", "ekfac"])
 @pytest.mark.parametrize("stacked", [True, False], ids=["stacked", "shared"])
 def test_every_kind_in_a_scan_equals_the_unrolled_network(stacked, method):
+  _check_scan_equals_unrolled(stacked, method, "loss")
+
+
+@pytest.mark.parametrize("method", ["eigen", "ekfac"])
+@pytest.mark.parametrize("stacked", [True, False], ids=["stacked", "shared"])
+def test_per_example_g_in_a_scan_scales_by_the_batch_not_the_length(stacked, method):
+  # The captures inside a scan are (length, batch, ...): B is their second axis.
+  _check_scan_equals_unrolled(stacked, method, "per_example")
+
+
+def _check_scan_equals_unrolled(stacked, method, g_factor_scaling):
   # In float64 throughout (model, captures, factors, decompositions): the
   # two programs fuse and order their sums differently, and in float32 that
   # rounding, amplified through the eigenbases, reached 9e-4 of an update
@@ -223,14 +234,16 @@ def test_every_kind_in_a_scan_equals_the_unrolled_network(stacked, method):
     xs, t = (a.astype(np.float64) for a in _kinds_data(seed=5))
     params = jax.tree.map(lambda p: jnp.asarray(p, jnp.float64),
                           random_params(_KindsScan(stacked), jnp.asarray(xs), seed=6))
-    registry, init, update = _update_fn(_KindsScan(stacked), params, xs, t, method, "float64")
+    registry, init, update = _update_fn(_KindsScan(stacked), params, xs, t, method, "float64",
+                                        g_factor_scaling)
     assert not registry.skipped
     assert {l.name: l.blocks for l in registry} == {
         "inner/norm": 4 * (LENGTH if stacked else 1), "inner/conv": LENGTH if stacked else 1,
         "inner/dense": LENGTH if stacked else 1, "head": 1}
     unrolled = lambda tree: _unrolled_params(tree, stacked)
     _, init_loop, update_loop = _update_fn(_KindsScan(stacked, unrolled=True),
-                                           unrolled(params), xs, t, method, "float64")
+                                           unrolled(params), xs, t, method, "float64",
+                                           g_factor_scaling)
     # Both optimizers step from the same parameters: steps 1 and 3
     # decompose, step 2 reuses; EKFAC's scaling runs on.
     state, state_loop = init(params), init_loop(unrolled(params))

@@ -87,8 +87,8 @@ def group_batch_factors(group: groups_lib.LayerGroup, captures: dict, dtype,
     group: the group.
     captures: layer name -> ``LayerCapture``.
     dtype: ``factor_dtype``.
-    per_example: multiply G by B², B the leading axis of the first call's
-      input (``g_factor_scaling='per_example'``).
+    per_example: multiply G by B², B the batch size of the first call's
+      input (``layer.examples``; ``g_factor_scaling='per_example'``).
 
   Returns:
     ``LayerFactors`` of ``group.a_stack_shape()`` and ``group.g_stack_shape()``.
@@ -97,7 +97,7 @@ def group_batch_factors(group: groups_lib.LayerGroup, captures: dict, dtype,
 
   def g_factor(layer, capture):
     g = _factor(layer.g_stats, capture.out_grads, dtype)
-    return g * capture.inputs[0].shape[0] ** 2 if per_example else g
+    return g * layer.examples(capture.inputs[0]) ** 2 if per_example else g
 
   def over(members, fn, block_shapes):
     args_of = lambda unit: groups_lib.stacked_members(members, unit,

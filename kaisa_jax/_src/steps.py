@@ -248,7 +248,7 @@ def batch_moments(config: config_lib.KaisaConfig, groups, captures: dict, store:
       total, rows = total + moment, rows + count
     moment = total / rows
     if config.g_factor_scaling == "per_example":
-      moment = moment * capture.inputs[0].shape[0] ** 2
+      moment = moment * layer.examples(capture.inputs[0]) ** 2
     return (moment,)
 
   moments = {}

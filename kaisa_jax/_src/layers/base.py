@@ -153,6 +153,14 @@ class Layer:
   def bias_shape(self) -> tuple[int, ...]:
     return (self.blocks * self.g_size,)
 
+  def examples(self, inputs: jax.Array) -> int:
+    """The batch size of one call's ``inputs``: its leading axis.
+
+    What ``g_factor_scaling='per_example'`` scales G by (squared), so that G
+    is that of per-example gradients whatever the loss's batch mean.
+    """
+    return inputs.shape[0]
+
   def a_rows(self, inputs: jax.Array, dtype) -> jax.Array:
     """(rows, [blocks,] a_size): the rows A is the mean outer product of.
 

@@ -82,6 +82,10 @@ class Scanned(layers_lib.Layer):
   def blocks(self) -> int:
     return self.length * self.inner.blocks
 
+  def examples(self, inputs: jax.Array) -> int:
+    # (length, batch, ...): the iterations come first.
+    return self.inner.examples(inputs[0])
+
   def with_inner(self, inner: layers_lib.Layer) -> "Scanned":
     return dataclasses.replace(self, inner=inner)
 
