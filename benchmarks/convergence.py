@@ -74,8 +74,6 @@ import sys
 import time
 from typing import Any, Callable, Optional
 
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # see examples/digits.py
-
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
 
 import flax.linen as nn

@@ -96,7 +96,7 @@ def main(argv=None):
         fn = preconditioner(name)
         try:
           ms = time_one(fn, f32, m32, repeats=args.repeats)
-        except Exception as e:  # noqa: BLE001 - an implementation this backend lacks
+        except Exception:  # noqa: BLE001 - an implementation this backend lacks
           cells.append(f"{'n/a':>17}")
           continue
         error = np.linalg.norm(np.asarray(fn(f32, m32), np.float64) - exact) / np.linalg.norm(exact)

@@ -66,13 +66,7 @@ import kaisa_jax
 
 _REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, os.path.join(_REPO, "examples"))
-# examples/transformer.py (through digits.py) sets a default OPENBLAS_NUM_THREADS
-# when imported; this benchmark runs in a default process, so it is undone.
-_BLAS_ENV = os.environ.get("OPENBLAS_NUM_THREADS")
 import transformer  # examples/transformer.py  # noqa: E402
-
-if _BLAS_ENV is None:
-  os.environ.pop("OPENBLAS_NUM_THREADS", None)
 
 LEARNING_RATE = 3e-3  # the example transformer's AdamW learning rate
 # kaisa's other settings: the example's kaisa before AdamW (no KL clip,

@@ -18,18 +18,20 @@ conv model: at most 3 x.
 
 On CPU the absolute times mean little: read the ratios. The optimizers are
 interleaved in rounds so that other processes slow them alike; the load
-average is printed. The process is a default one, as a user's would be: the
-BLAS thread pools and glibc's allocator are left as they are. Two options
-change that for comparison: --blas-threads 1 runs the LAPACK eigh on one
-OpenBLAS thread (OpenBLAS's own pool collapses when the cores are shared),
-and --malloc-no-mmap tells glibc to use one arena and no mmap for large
-blocks (XLA mallocs each execution's temporary buffer, and above glibc's
-mmap threshold, at most 32 MiB, every step page-faults through fresh
-memory; Adam's CNN step at batch 1024 is at 30.5 MiB). Page faults per step
-are in the JSON.
+average is printed. The process is a default one, as a user's would be: no
+thread or allocator setting. kaisa_jax itself sets the OpenBLAS that
+jaxlib's CPU decompositions call to one thread (``kaisa_jax/_src/
+cpu_threads.py``); numpy's keeps its pool. Two options change the process
+for comparison: --blas-threads N gives every BLAS pool N threads after the
+library's setting (2 on 2 cores: OpenBLAS's default, one per core, whose
+pool collapses when the cores are shared), and --malloc-no-mmap tells glibc
+to use one arena and no mmap for large blocks (XLA mallocs each execution's
+temporary buffer, and above glibc's mmap threshold, at most 32 MiB, every
+step page-faults through fresh memory; Adam's CNN step at batch 1024 is at
+30.5 MiB). Page faults per step are in the JSON.
 
   python benchmarks/step_time.py
-  python benchmarks/step_time.py --blas-threads 1 --malloc-no-mmap
+  python benchmarks/step_time.py --blas-threads 2 --malloc-no-mmap
   python benchmarks/step_time.py --models cnn --batch-sizes 256 --steps 100 --json out.json
 """
 
@@ -56,6 +58,7 @@ import threadpoolctl  # a scikit-learn dependency
 from sklearn.datasets import load_digits
 
 import kaisa_jax
+from kaisa_jax._src import cpu_threads
 
 PERIODS = ((1, 1), (1, 10), (10, 100))
 FACTOR_ONLY = (1, 10**9)  # factors every step, a decomposition only at step 0
@@ -330,20 +333,19 @@ def factor_step_lines(results: list) -> list[str]:
   return lines
 
 
-def blas_threads(limit: int) -> list[int]:
-  """Limits the BLAS/LAPACK thread pools (0: leave them) and returns their sizes.
-
-  On CPU, XLA runs ``eigh`` through the LAPACK of scipy's OpenBLAS, whose own
-  thread pool (one thread per core by default) spins on every level-2 BLAS
-  call of the tridiagonalisation; once the cores are oversubscribed (other
-  processes) a 512 x 512 eigh goes from about 20 ms to 100-1000 ms. One
-  thread is robust and costs little.
-  """
-  jax.block_until_ready(jnp.linalg.eigh(jnp.eye(2)))  # loads the LAPACK
+def set_blas_threads(limit: int):
+  """With ``limit`` > 0, every BLAS pool gets ``limit`` threads, overriding kaisa_jax's
+  one-thread setting of jaxlib's OpenBLAS (made here first, as kaisa's first
+  decomposition would make it, so that it does not undo this one)."""
   if limit:
+    cpu_threads.limit_lapack_threads()
     threadpoolctl.threadpool_limits(limit, user_api="blas")
-  return [lib["num_threads"] for lib in threadpoolctl.threadpool_info()
-          if lib["user_api"] == "blas"]
+
+
+def blas_threads() -> list[str]:
+  """'library: threads' of every BLAS pool the process has loaded."""
+  return [f"{os.path.basename(os.path.dirname(lib['filepath']))}: {lib['num_threads']}"
+          for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"]
 
 
 def malloc_without_mmap() -> bool:
@@ -363,7 +365,7 @@ def malloc_without_mmap() -> bool:
               and libc.mallopt(m_arena_max, 1))
 
 
-def environment(blas: list[int], malloc_no_mmap: bool) -> dict:
+def environment(blas: list[str], malloc_no_mmap: bool) -> dict:
   return {"jax": jax.__version__, "flax": metadata.version("flax"),
           "optax": optax.__version__, "backend": jax.default_backend(),
           "devices": [str(d) for d in jax.devices()], "cpu_count": os.cpu_count(),
@@ -384,8 +386,8 @@ def parse_args(argv=None):
   parser.add_argument("--rounds", type=int, default=10,
                       help="interleave the optimizers in this many blocks of steps (default 10)")
   parser.add_argument("--blas-threads", type=int, default=0,
-                      help="OpenBLAS threads for the LAPACK eigh (default 0: leave as is, "
-                           "one per core)")
+                      help="threads for every BLAS pool, over the library's setting "
+                           "(default 0: as kaisa_jax sets them)")
   parser.add_argument("--malloc-no-mmap", action="store_true",
                       help="tell glibc not to mmap large blocks (no per-step page faults once "
                            "a step's temporary buffer exceeds 32 MiB)")
@@ -412,7 +414,7 @@ def main(argv=None):
   args = parse_args(argv)
   start = time.perf_counter()
   load_before = os.getloadavg()[0]
-  blas = blas_threads(args.blas_threads)
+  set_blas_threads(args.blas_threads)
   malloc_no_mmap = args.malloc_no_mmap and malloc_without_mmap()
   if args.steps < 2 * TARGET_PERIODS[1]:
     print(f"note: --steps {args.steps} holds fewer than 2 decompositions at "
@@ -428,7 +430,7 @@ def main(argv=None):
                                  periods_list))
       print(f"[{name} batch {batch}: {time.perf_counter() - t0:.0f} s]", flush=True)
   elapsed = time.perf_counter() - start
-  env = environment(blas, malloc_no_mmap)
+  env = environment(blas_threads(), malloc_no_mmap)
   load = (load_before, os.getloadavg()[0])
   report(results, args, env, load, elapsed)
   if args.json:

@@ -24,8 +24,6 @@ from __future__ import annotations
 import functools
 import os
 
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # see digits.py
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp

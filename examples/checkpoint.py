@@ -24,8 +24,6 @@ import argparse
 import os
 import tempfile
 
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # see digits.py
-
 import jax
 import numpy as np
 import orbax.checkpoint as ocp

@@ -33,11 +33,6 @@ import os
 import time
 from typing import Any, Callable
 
-# K-FAC's eigendecompositions run in LAPACK (OpenBLAS). On a few shared cores
-# its threads mostly wait on each other: one thread was 5-10x faster here for
-# these factors (at most 513 x 513). Set before numpy and jax load OpenBLAS.
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp

@@ -31,11 +31,6 @@ block per slice (the registry shows 'dense (scan, K stacked)').
 from __future__ import annotations
 
 import argparse
-import os
-
-# K-FAC's decompositions run in LAPACK: on a few shared cores one thread is
-# faster for these small factors. Set before numpy and jax load OpenBLAS.
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 from flax import nnx
 import jax

@@ -57,8 +57,6 @@ import random
 import re
 import string
 
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # see digits.py
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp

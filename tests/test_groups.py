@@ -715,7 +715,9 @@ def test_shared_a_on_8_devices_matches_single_device(shared_layers, method, frac
   else:
     actual = dist.run_shard_map(shared_layers, method, 8, frac, check_vma=frac == 1.0,
                                 model=SHARED_MODEL, colocate_factors=colocate)
-  dist.assert_trajectories_close(actual, expected)
+  # The attention's softmax amplifies float32 roundings of the summation order through
+  # the eigendecompositions: 1.006e-5 on jax 0.9.1, the same for every strategy.
+  dist.assert_trajectories_close(actual, expected, rtol=2e-5)
 
 
 @pytest.mark.slow

@@ -28,6 +28,7 @@ import jax.scipy.linalg as jsl
 import numpy as np
 from jax import lax
 
+from kaisa_jax._src import cpu_threads
 from kaisa_jax._src import factors as factors_lib
 from kaisa_jax._src import groups as groups_lib
 
@@ -117,7 +118,10 @@ def decompose_factor(stack: jax.Array, diagonal: bool, damping, method: str, dty
   if diagonal:
     values = stack.astype(dtype)
     return (1 / (values + damping),) if method == "inverse" else (jnp.maximum(values, 0),)
-  if stack.shape[0] > 1 and jax.default_backend() == "cpu":
+  on_cpu = jax.default_backend() == "cpu"
+  if on_cpu:
+    cpu_threads.limit_lapack_threads()
+  if stack.shape[0] > 1 and on_cpu:
     # jaxlib's CPU LAPACK kernels split a batch over XLA's intra-op thread
     # pool and block until its pieces are done: as many batched
     # decompositions running at once as the pool has threads deadlock
