@@ -1,13 +1,12 @@
 """The ``Conv`` kind: convolutions with any number of spatial dims, grouped included.
 
-The activation rows are the im2col patches, built from strided slices of
+The activation rows are the im2col patches, gathered as windows of
 the padded input and reduced a chunk of examples at a time.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 from typing import Any, Sequence
 
@@ -15,6 +14,7 @@ import flax.linen as nn
 from flax import nnx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from kaisa_jax._src.layers.base import Layer, UnsupportedLayer, _with_ones_column
@@ -128,10 +128,11 @@ class Conv(Layer):
   def _patches(self, inputs: jax.Array) -> jax.Array:
     """(batch..., *spatial, C) -> (N, *out_spatial, C * prod(kernel_size)).
 
-    Built from strided slices of the padded input, one per kernel position:
-    pure data movement, where ``lax.conv_general_dilated_patches`` would run
-    a convolution with an identity kernel costing C·k/out times the layer's
-    own forward pass.
+    One gather of a (N, C, *kernel) window per output position from the
+    padded input, channels moved first: pure data movement and one kernel,
+    where ``lax.conv_general_dilated_patches`` would run a convolution with
+    an identity kernel costing C·k/out times the layer's own forward pass
+    (and a slice per kernel position would be a kernel each).
     """
     n = len(self.kernel_size)
     if n > 3:
@@ -154,15 +155,17 @@ class Conv(Layer):
                 mode="wrap" if self.circular else "constant")
     out = tuple((size - w) // s + 1
                 for size, w, s in zip(x.shape[1:-1], dilated, self.strides))
-    windows = []
-    for offset in itertools.product(*(range(k) for k in self.kernel_size)):
-      start = tuple(o * d for o, d in zip(offset, self.kernel_dilation))
-      limit = tuple(b + (m - 1) * s + 1 for b, m, s in zip(start, out, self.strides))
-      windows.append(lax.slice(x, (0,) + start + (0,), (x.shape[0],) + limit + (x.shape[-1],),
-                               (1,) + self.strides + (1,)))
-    # (N, *out, C, K) -> channel-major (N, *out, C*K)
-    patches = jnp.stack(windows, axis=-1)
-    return patches.reshape(patches.shape[:-2] + (-1,))
+    x = jnp.moveaxis(x, -1, 1)  # (N, C, *padded): a window is channel-major
+    starts = np.stack(np.meshgrid(*(np.arange(m) * s for m, s in zip(out, self.strides)),
+                                  indexing="ij"), axis=-1).reshape(-1, n)
+    windows = lax.gather(  # (N, S, C, *dilated)
+        x, starts.astype(np.int32),
+        lax.GatherDimensionNumbers(offset_dims=(0,) + tuple(range(2, n + 3)),
+                                   collapsed_slice_dims=(),
+                                   start_index_map=tuple(range(2, n + 2))),
+        x.shape[:2] + dilated, mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS)
+    windows = windows[(Ellipsis,) + tuple(slice(None, None, d) for d in self.kernel_dilation)]
+    return windows.reshape((x.shape[0],) + out + (-1,))
 
   def a_stats(self, inputs: jax.Array, dtype) -> tuple[jax.Array, int]:
     n = len(self.kernel_size)
@@ -185,7 +188,11 @@ class Conv(Layer):
 
     def reduce_chunk(sums, chunk):
       a = self._patches(chunk).reshape(-1, self.groups, per_group)  # (chunk*S, groups, C/groups*k)
-      return (sums[0] + jnp.einsum("rgi,rgj->gij", a, a), sums[1] + jnp.sum(a, axis=0)), None
+      if self.groups == 1:  # a plain aᵀa takes the patches in their layout, no transposed copy
+        xtx = (a[:, 0].T @ a[:, 0])[None]
+      else:
+        xtx = jnp.einsum("rgi,rgj->gij", a, a)
+      return (sums[0] + xtx, sums[1] + jnp.sum(a, axis=0)), None
 
     zeros = (jnp.zeros((self.groups, per_group, per_group), dtype),
              jnp.zeros((self.groups, per_group), dtype))
