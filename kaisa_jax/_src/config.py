@@ -21,6 +21,7 @@ from kaisa_jax._src import eigen as eigen_lib
 from kaisa_jax._src import groups as groups_lib
 from kaisa_jax._src import layers as layers_lib
 from kaisa_jax._src import placement as placement_lib
+from kaisa_jax._src import subsample as subsample_lib
 from kaisa_jax._src.layers import scanned as scanned_lib
 
 ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
@@ -187,6 +188,10 @@ class KaisaConfig:
       these alone, so ``kaisa_jax.placement`` describes any ``kaisa`` on them.
     placement_options: the keyword arguments of ``placement_lib.plan``
       other than the layers and the device count, among them ``a_sources``.
+    factor_subsample: examples (int) or fraction of each batch (float) the
+      factor statistics are computed from, or None for all.
+    factor_subsample_seed: None for strided examples, else the seed of a
+      random draw each step (``subsample.py``).
   """
   registry: layers_lib.LayerRegistry
   layers: tuple
@@ -205,6 +210,8 @@ class KaisaConfig:
   g_factor_scaling: str
   registry_layers: tuple
   placement_options: tuple
+  factor_subsample: Any = None
+  factor_subsample_seed: Optional[int] = None
 
   @property
   def a_sources(self) -> tuple:
@@ -313,7 +320,8 @@ def make_config(layers, *, damping, factor_decay, factor_update_steps, inv_updat
                 kl_clip, learning_rate, compute_method, eigenvalue_outer_product,
                 accumulation_steps, skip_layers, factor_dtype, inv_dtype, axis_name,
                 grad_worker_frac, colocate_factors, cost_model, symmetric_factors,
-                g_factor_scaling, weight_sharing) -> KaisaConfig:
+                g_factor_scaling, weight_sharing, factor_subsample=None,
+                factor_subsample_seed=None) -> KaisaConfig:
   """Checks ``kaisa``'s arguments (see its docstring) into a ``KaisaConfig``."""
   if not isinstance(layers, layers_lib.LayerRegistry):
     raise ValueError(
@@ -334,6 +342,7 @@ def make_config(layers, *, damping, factor_decay, factor_update_steps, inv_updat
   if isinstance(skip_layers, str):
     skip_layers = (skip_layers,)
   registry_layers = active_layers(layers, skip_layers)
+  subsample_size, subsample_seed = subsample_lib.check(factor_subsample, factor_subsample_seed)
   options = placement_options(
       grad_worker_frac=grad_worker_frac, colocate_factors=colocate_factors,
       cost_model=cost_model, compute_method=compute_method,
@@ -351,7 +360,8 @@ def make_config(layers, *, damping, factor_decay, factor_update_steps, inv_updat
       factor_dtype=check_dtype("factor_dtype", factor_dtype),
       inv_dtype=check_dtype("inv_dtype", inv_dtype), axis_name=axis_name,
       g_factor_scaling=g_factor_scaling, registry_layers=registry_layers,
-      placement_options=options)
+      placement_options=options, factor_subsample=subsample_size,
+      factor_subsample_seed=subsample_seed)
   _check_shared_a(config)
   config.plan(1)  # checks the placement options now rather than at trace time
   return config

@@ -29,6 +29,7 @@ from kaisa_jax._src import factors as factors_lib
 from kaisa_jax._src import groups as groups_lib
 from kaisa_jax._src import placement as placement_lib
 from kaisa_jax._src import state as state_lib
+from kaisa_jax._src import subsample as subsample_lib
 
 # -------------------------------------------------------------- gradients
 
@@ -65,6 +66,30 @@ def write_updates(groups, leaves: dict, stacks: dict) -> dict:
 
 
 # ---------------------------------------------------------------- factors
+
+
+def subsampled_captures(config: config_lib.KaisaConfig, groups, captures: dict, step,
+                        micro_step=0) -> dict:
+  """The captures the factor statistics come from: a subsample of each batch when
+  ``factor_subsample`` is set (``subsample.py``), else ``captures`` as they are.
+
+  A random draw's key folds the seed with the step, the micro-batch and the
+  device, so that every micro-batch and device draws its own examples.
+  """
+  if config.factor_subsample is None:
+    return captures
+  key = None
+  if config.factor_subsample_seed is not None:
+    key = jax.random.fold_in(jax.random.fold_in(
+        jax.random.key(config.factor_subsample_seed), step), micro_step)
+    if config.axis_name is not None:
+      key = jax.random.fold_in(key, config.device_index())
+  per_example = config.g_factor_scaling == "per_example"
+  layers = {l.name: l for g in groups for l in g.layers}
+  return {name: subsample_lib.subsample_capture(layers[name], c, config.factor_subsample,
+                                                key, per_example)
+          if name in layers else c for name, c in captures.items()}
+
 
 
 def batch_factors(config: config_lib.KaisaConfig, groups, captures: dict) -> dict:

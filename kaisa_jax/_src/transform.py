@@ -51,6 +51,8 @@ def kaisa(
     symmetric_factors: bool = True,
     g_factor_scaling: str = "loss",
     weight_sharing: Union[str, Mapping[str, str]] = "expand",
+    factor_subsample: Optional[Union[int, float]] = None,
+    factor_subsample_seed: Optional[int] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """K-FAC preconditioning (KAISA conventions) as an optax transformation.
 
@@ -125,6 +127,17 @@ def kaisa(
       Eschenhagen et al. 2023); or a mapping from layer-name regular
       expressions to modes, the first match deciding ('expand' if none).
       Convolutions keep the reference's treatment of their positions.
+    factor_subsample: compute the factors (and EKFAC's moments) from this
+      many examples of each batch (an int, per device and micro-batch) or
+      this fraction of it (a float in (0, 1]); the gradient still comes
+      from the whole batch. None (default): every example. The factors are
+      means over the chosen examples' rows, unbiased estimates of the whole
+      batch's; 'per_example' scaling keeps the whole batch's B.
+    factor_subsample_seed: None (default): evenly strided examples, the
+      same every step (for shuffled batches); an int: a uniform random draw
+      of distinct examples each step, from this seed folded with the step,
+      micro-batch and device. A strided fraction whose inverse divides the
+      per-device batch gives the same factors on any device count.
 
   Several devices: see ``kaisa_jax.placement`` for who does what and the
   bytes each collective moves. HYBRID-OPT inside ``jax.shard_map`` needs
@@ -160,7 +173,8 @@ def kaisa(
       axis_name=axis_name, grad_worker_frac=grad_worker_frac,
       colocate_factors=colocate_factors, cost_model=cost_model,
       symmetric_factors=symmetric_factors, g_factor_scaling=g_factor_scaling,
-      weight_sharing=weight_sharing)
+      weight_sharing=weight_sharing, factor_subsample=factor_subsample,
+      factor_subsample_seed=factor_subsample_seed)
   return optax.GradientTransformationExtraArgs(
       functools.partial(state_lib.init_state, config), functools.partial(update, config))
 
@@ -173,8 +187,10 @@ def update(config: config_lib.KaisaConfig, grads, state: state_lib.KaisaState, p
   config_lib.check_captures(config.registry, config.layers, captures)
   if config.accumulation_steps == 1:
     groups = config.groups(config.current_plan())
+    # Subsampled inside the factor step's branch: no work when it is not due.
+    sampled = lambda: steps.subsampled_captures(config, groups, captures, state.step)
     return preconditioned_step(config, grads, state,
-                               lambda: steps.batch_factors(config, groups, captures), captures)
+                               lambda: steps.batch_factors(config, groups, sampled()), sampled)
   return accumulate(config, grads, state, captures)
 
 
@@ -190,10 +206,11 @@ def _no_change(tree):
 
 
 def preconditioned_step(config: config_lib.KaisaConfig, grads, state: state_lib.KaisaState,
-                        new_batch_factors, captures=None):
+                        new_batch_factors, factor_captures=None):
   """One optimizer step given the gradients and a thunk for the batch factors.
 
-  ``captures`` are needed by 'ekfac' only (its scaling is built from the rows).
+  ``factor_captures``, a thunk for the (subsampled) captures, is needed by
+  'ekfac' only (its scaling is built from the rows).
   """
   plan = config.current_plan()
   groups = config.groups(plan)
@@ -219,7 +236,8 @@ def preconditioned_step(config: config_lib.KaisaConfig, grads, state: state_lib.
       lambda st: steps.decompose_all(config, plan, factors, st, damping), _no_change, store)
   if config.compute_method == "ekfac":
     store = _maybe(step % config.factor_update_steps == 0, config.factor_update_steps,
-                   lambda st: steps.correct_scaling(config, groups, captures, st, grads, step),
+                   lambda st: steps.correct_scaling(config, groups, factor_captures(), st, grads,
+                                                    step),
                    lambda st: st, store)
 
   leaves = config_lib.leaves_by_path(grads)
@@ -245,7 +263,8 @@ def accumulate(config: config_lib.KaisaConfig, grads, state: state_lib.KaisaStat
   groups = config.groups(config.current_plan())
 
   def add_factors(sums):
-    return jax.tree.map(jnp.add, sums, steps.batch_factors(config, groups, captures))
+    sampled = steps.subsampled_captures(config, groups, captures, state.step, acc.micro_step)
+    return jax.tree.map(jnp.add, sums, steps.batch_factors(config, groups, sampled))
 
   sums = _maybe(state.step % config.factor_update_steps == 0, config.factor_update_steps,
                 add_factors, lambda s: s, acc.factors)

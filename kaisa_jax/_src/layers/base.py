@@ -153,13 +153,18 @@ class Layer:
   def bias_shape(self) -> tuple[int, ...]:
     return (self.blocks * self.g_size,)
 
+  @property
+  def example_axis(self) -> int:
+    """The batch axis of the layer's captured inputs and output gradients."""
+    return 0
+
   def examples(self, inputs: jax.Array) -> int:
-    """The batch size of one call's ``inputs``: its leading axis.
+    """The batch size of one call's ``inputs`` (along ``example_axis``).
 
     What ``g_factor_scaling='per_example'`` scales G by (squared), so that G
     is that of per-example gradients whatever the loss's batch mean.
     """
-    return inputs.shape[0]
+    return inputs.shape[self.example_axis]
 
   def a_rows(self, inputs: jax.Array, dtype) -> jax.Array:
     """(rows, [blocks,] a_size): the rows A is the mean outer product of.

@@ -82,9 +82,10 @@ class Scanned(layers_lib.Layer):
   def blocks(self) -> int:
     return self.length * self.inner.blocks
 
-  def examples(self, inputs: jax.Array) -> int:
+  @property
+  def example_axis(self) -> int:
     # (length, batch, ...): the iterations come first.
-    return self.inner.examples(inputs[0])
+    return self.inner.example_axis + 1
 
   def with_inner(self, inner: layers_lib.Layer) -> "Scanned":
     return dataclasses.replace(self, inner=inner)
