@@ -15,6 +15,7 @@ from typing import Any, Callable, Hashable, Mapping, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from kaisa_jax._src import eigen as eigen_lib
@@ -63,6 +64,12 @@ def _check_hyperparameters(damping, factor_decay, kl_clip, learning_rate):
     v = _concrete(value)
     if v is not None and not ok(v):
       raise ValueError(f"{name} must be {want}, got {value!r}.")
+
+
+def _check_bool(name: str, value) -> bool:
+  if not isinstance(value, (bool, np.bool_)):
+    raise ValueError(f"{name} must be True or False, got {value!r}.")
+  return bool(value)
 
 
 def check_dtype(name: str, dtype):
@@ -192,6 +199,8 @@ class KaisaConfig:
       factor statistics are computed from, or None for all.
     factor_subsample_seed: None for strided examples, else the seed of a
       random draw each step (``subsample.py``).
+    stagger_decompositions: spread the groups' decompositions over the
+      ``inv_update_steps`` interval (``schedule.py``).
   """
   registry: layers_lib.LayerRegistry
   layers: tuple
@@ -212,6 +221,7 @@ class KaisaConfig:
   placement_options: tuple
   factor_subsample: Any = None
   factor_subsample_seed: Optional[int] = None
+  stagger_decompositions: bool = False
 
   @property
   def a_sources(self) -> tuple:
@@ -321,7 +331,7 @@ def make_config(layers, *, damping, factor_decay, factor_update_steps, inv_updat
                 accumulation_steps, skip_layers, factor_dtype, inv_dtype, axis_name,
                 grad_worker_frac, colocate_factors, cost_model, symmetric_factors,
                 g_factor_scaling, weight_sharing, factor_subsample=None,
-                factor_subsample_seed=None) -> KaisaConfig:
+                factor_subsample_seed=None, stagger_decompositions=False) -> KaisaConfig:
   """Checks ``kaisa``'s arguments (see its docstring) into a ``KaisaConfig``."""
   if not isinstance(layers, layers_lib.LayerRegistry):
     raise ValueError(
@@ -361,7 +371,8 @@ def make_config(layers, *, damping, factor_decay, factor_update_steps, inv_updat
       inv_dtype=check_dtype("inv_dtype", inv_dtype), axis_name=axis_name,
       g_factor_scaling=g_factor_scaling, registry_layers=registry_layers,
       placement_options=options, factor_subsample=subsample_size,
-      factor_subsample_seed=subsample_seed)
+      factor_subsample_seed=subsample_seed,
+      stagger_decompositions=_check_bool("stagger_decompositions", stagger_decompositions))
   _check_shared_a(config)
   config.plan(1)  # checks the placement options now rather than at trace time
   return config

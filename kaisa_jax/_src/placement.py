@@ -311,9 +311,11 @@ class Placement:
     group = groups_lib.LayerGroup("", a_size, g_size, a_diagonal, ())
     return self._stored_words(group, blocks, blocks)
 
-  def outbox_words(self) -> int:
-    """Length of the decomposition-step buffer every device sends (the largest)."""
-    return max(sum(math.prod(s) for g in self.groups for which in "ag"
+  def outbox_words(self, groups=None) -> int:
+    """Length of the decomposition-step buffer every device sends (the largest), for
+    ``groups`` (default: all)."""
+    groups = self.groups if groups is None else groups
+    return max(sum(math.prod(s) for g in groups for which in "ag"
                    for s in self.share_shapes(g, which, len(self.worker_blocks(d, g, which))))
                for d in range(self.num_devices))
 

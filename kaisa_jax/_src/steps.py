@@ -140,10 +140,10 @@ def update_factors(config: config_lib.KaisaConfig, state_factors: dict, batch: d
 
 
 def _own_shares(config, plan: placement_lib.Placement, device: int, factors: dict,
-                damping) -> dict:
-  """The decomposition shares ``device`` computes: {(group, 'a'|'g'): parts}."""
+                damping, groups) -> dict:
+  """The decomposition shares of ``groups`` ``device`` computes: {(group, 'a'|'g'): parts}."""
   shares = {}
-  for g in plan.groups:
+  for g in groups:
     for which, stack in (("a", factors[g.name].a_factor), ("g", factors[g.name].g_factor)):
       blocks = plan.worker_blocks(device, g, which)
       if blocks:
@@ -153,17 +153,17 @@ def _own_shares(config, plan: placement_lib.Placement, device: int, factors: dic
   return shares
 
 
-def _outbox_layout(plan: placement_lib.Placement, device: int) -> list:
-  """[(group, 'a'|'g', share shapes)] that ``device`` sends, in buffer order."""
+def _outbox_layout(plan: placement_lib.Placement, device: int, groups) -> list:
+  """[(group, 'a'|'g', share shapes)] of ``groups`` that ``device`` sends, in buffer order."""
   return [(g, which, plan.share_shapes(g, which, len(plan.worker_blocks(device, g, which))))
-          for g in plan.groups for which in "ag" if plan.worker_blocks(device, g, which)]
+          for g in groups for which in "ag" if plan.worker_blocks(device, g, which)]
 
 
-def _received_shares(plan: placement_lib.Placement, column: int, inbox) -> dict:
+def _received_shares(plan: placement_lib.Placement, column: int, inbox, groups) -> dict:
   """A column's shares, each group's blocks in stack order, from its gathered outboxes."""
   pieces: dict = {}
   for row, device in enumerate(plan.columns[column]):
-    layout = _outbox_layout(plan, device)
+    layout = _outbox_layout(plan, device, groups)
     flat = iter(collectives.unpack(inbox[row], [s for _, _, shapes in layout for s in shapes]))
     for group, which, shapes in layout:
       pieces.setdefault((group.name, which), []).append(
@@ -174,11 +174,12 @@ def _received_shares(plan: placement_lib.Placement, column: int, inbox) -> dict:
 
 
 def _install(config, plan: placement_lib.Placement, column: int, shares: dict, store,
-             damping):
-  """The column's new decompositions from its shares, non-finite members rejected."""
+             damping, groups):
+  """The column's new decompositions of ``groups`` from their shares, non-finite members
+  rejected; the column's other groups keep theirs."""
   held = store if plan.num_columns == 1 else plan.unpack_column(column, store)
-  new, rejected = {}, jnp.zeros([], jnp.int32)
-  for g in plan.groups:
+  new, rejected = dict(held), jnp.zeros([], jnp.int32)
+  for g in groups:
     if not plan.column_blocks(column, g):
       continue
     sub = plan.column_group(column, g)
@@ -192,29 +193,31 @@ def _install(config, plan: placement_lib.Placement, column: int, shares: dict, s
 
 
 def decompose_all(config: config_lib.KaisaConfig, plan: placement_lib.Placement,
-                  factors: dict, store, damping):
+                  factors: dict, store, damping, groups=None):
   """New decompositions of the blocks this device holds: (store, rejected).
 
   ``store`` is ``KaisaState.decompositions`` with one column, else this
-  device's ``local_decompositions``.
+  device's ``local_decompositions``. ``groups``: the groups to decompose
+  (default: all of ``plan.groups``); the others keep their decompositions.
   """
+  groups = plan.groups if groups is None else tuple(groups)
   me = config.device_index()
   switch = functools.partial(state_lib.switch, config)
   if plan.grad_workers == 1:
     # The column's only device decomposes everything the column holds.
     branches = [functools.partial(lambda j, f, st: _install(
-        config, plan, j, _own_shares(config, plan, j, f, damping), st, damping), j)
-                for j in range(plan.num_columns)]
+        config, plan, j, _own_shares(config, plan, j, f, damping, groups), st, damping,
+        groups), j) for j in range(plan.num_columns)]
     store, rejected = switch(me, branches, factors, store)
   else:
-    width = plan.outbox_words()
+    width = plan.outbox_words(groups)
     outbox = switch(me, [functools.partial(lambda d, f: collectives.pad_to(collectives.pack(
-        [p for group, which, _ in _outbox_layout(plan, d)
-         for p in _own_shares(config, plan, d, f, damping)[(group.name, which)]],
+        [p for group, which, _ in _outbox_layout(plan, d, groups)
+         for p in _own_shares(config, plan, d, f, damping, groups)[(group.name, which)]],
         config.inv_dtype), width), d) for d in range(plan.num_devices)], factors)
     inbox = collectives.gather_within(outbox, config.axis_name, plan.columns)
     branches = [functools.partial(lambda j, ib, st: _install(
-        config, plan, j, _received_shares(plan, j, ib), st, damping), j)
+        config, plan, j, _received_shares(plan, j, ib, groups), st, damping, groups), j)
                 for j in range(plan.num_columns)]
     store, rejected = switch(me % plan.num_columns, branches, inbox, store)
   if config.axis_name is not None:

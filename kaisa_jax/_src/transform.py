@@ -23,6 +23,7 @@ from kaisa_jax._src import config as config_lib
 from kaisa_jax._src import factors as factors_lib
 from kaisa_jax._src import layers as layers_lib
 from kaisa_jax._src import placement as placement_lib
+from kaisa_jax._src import schedule
 from kaisa_jax._src import state as state_lib
 from kaisa_jax._src import steps
 
@@ -53,6 +54,7 @@ def kaisa(
     weight_sharing: Union[str, Mapping[str, str]] = "expand",
     factor_subsample: Optional[Union[int, float]] = None,
     factor_subsample_seed: Optional[int] = None,
+    stagger_decompositions: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """K-FAC preconditioning (KAISA conventions) as an optax transformation.
 
@@ -138,6 +140,12 @@ def kaisa(
       of distinct examples each step, from this seed folded with the step,
       micro-batch and device. A strided fraction whose inverse divides the
       per-device batch gives the same factors on any device count.
+    stagger_decompositions: False (default, the reference): every group is
+      decomposed every ``inv_update_steps`` steps, all at once. True: the
+      groups are spread over the interval in phases of balanced cost, step
+      ``s`` decomposing phase ``s % inv_update_steps`` (and step 0 every
+      group), so that no step pays for all the decompositions
+      (``kaisa_jax/_src/schedule.py``).
 
   Several devices: see ``kaisa_jax.placement`` for who does what and the
   bytes each collective moves. HYBRID-OPT inside ``jax.shard_map`` needs
@@ -174,7 +182,8 @@ def kaisa(
       colocate_factors=colocate_factors, cost_model=cost_model,
       symmetric_factors=symmetric_factors, g_factor_scaling=g_factor_scaling,
       weight_sharing=weight_sharing, factor_subsample=factor_subsample,
-      factor_subsample_seed=factor_subsample_seed)
+      factor_subsample_seed=factor_subsample_seed,
+      stagger_decompositions=stagger_decompositions)
   return optax.GradientTransformationExtraArgs(
       functools.partial(state_lib.init_state, config), functools.partial(update, config))
 
@@ -205,6 +214,18 @@ def _no_change(tree):
   return tree, jnp.zeros([], jnp.int32)
 
 
+def _decompose_staggered(config: config_lib.KaisaConfig, plan, step, factors, store, damping):
+  """This step's phase of a staggered interval (``schedule.py``): (store, rejected)."""
+  phases = schedule.decomposition_phases(plan.groups, config.inv_update_steps)
+  decompose = lambda groups, st: steps.decompose_all(config, plan, factors, st, damping, groups)
+  # Branch 0: no phase is due; 1..P: phase p - 1; P + 1: every group (step 0).
+  branches = ([_no_change] + [functools.partial(decompose, phase) for phase in phases]
+              + [functools.partial(decompose, plan.groups)])
+  phase = step % config.inv_update_steps
+  index = jnp.where(step == 0, len(phases) + 1, jnp.where(phase < len(phases), phase + 1, 0))
+  return lax.switch(index, branches, store)
+
+
 def preconditioned_step(config: config_lib.KaisaConfig, grads, state: state_lib.KaisaState,
                         new_batch_factors, factor_captures=None):
   """One optimizer step given the gradients and a thunk for the batch factors.
@@ -231,9 +252,12 @@ def preconditioned_step(config: config_lib.KaisaConfig, grads, state: state_lib.
   factors, skipped = _maybe(step % config.factor_update_steps == 0, config.factor_update_steps,
                             fold_in, _no_change, state.factors)
   store = state.decompositions if plan.num_columns == 1 else state.local_decompositions
-  store, rejected = _maybe(
-      step % config.inv_update_steps == 0, config.inv_update_steps,
-      lambda st: steps.decompose_all(config, plan, factors, st, damping), _no_change, store)
+  if config.stagger_decompositions and config.inv_update_steps > 1:
+    store, rejected = _decompose_staggered(config, plan, step, factors, store, damping)
+  else:
+    store, rejected = _maybe(
+        step % config.inv_update_steps == 0, config.inv_update_steps,
+        lambda st: steps.decompose_all(config, plan, factors, st, damping), _no_change, store)
   if config.compute_method == "ekfac":
     store = _maybe(step % config.factor_update_steps == 0, config.factor_update_steps,
                    lambda st: steps.correct_scaling(config, groups, factor_captures(), st, grads,
