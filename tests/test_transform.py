@@ -11,6 +11,9 @@ uninterrupted run) compare the two runs with each other.
 
 from __future__ import annotations
 
+import ast
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -964,6 +967,51 @@ def test_unsupported_layer_must_be_skipped():
   tx = kaisa_jax.kaisa(layers, skip_layers=("masked",))
   grads, updates, _ = jitted_kfac_step(tx, loss)(params, tx.init(params), x, y)
   assert_trees_identical(updates["masked"], grads["masked"])
+
+
+class TwoSkippedNet(nn.Module):
+  """Two layers found but not supported (a masked and a transposed convolution), a Dense."""
+
+  @nn.compact
+  def __call__(self, x):
+    mask = jnp.ones((3, 3, x.shape[-1], 4)).at[0].set(0)
+    h = nn.Conv(4, (3, 3), mask=mask, name="masked")(x)
+    h = nn.ConvTranspose(2, (2, 2), name="up")(h)
+    return nn.Dense(N_OUT, name="Dense_1")(h.reshape(h.shape[0], -1))
+
+
+def _ready_skip_layers(message: str) -> tuple:
+  """The ``skip_layers=(...)`` value a skip error offers, parsed."""
+  match = re.search(r"skip_layers=(\(.*?\))", message)
+  assert match, message
+  return ast.literal_eval(match.group(1))
+
+
+@pytest.mark.parametrize("given", [(), ("^up$",), ("Dense",)])
+def test_skip_error_lists_every_skipped_layer_with_a_ready_value(given):
+  model = TwoSkippedNet()
+  x, y = jnp.ones((2, 4, 4, 2)), jnp.zeros((2, N_OUT))
+  params = jax.jit(model.init)(jax.random.key(0), x)["params"]
+  loss = lambda p, x, y: squared_error(model.apply({"params": p}, x), y)
+  layers = kaisa_jax.find_layers(loss, params, x, y)
+  assert {s.name for s in layers.skipped} == {"masked", "up"}
+  unnamed = [s for s in layers.skipped if not any(re.search(p, s.name) for p in given)]
+  with pytest.raises(ValueError) as error:
+    kaisa_jax.kaisa(layers, skip_layers=given)
+  message = str(error.value)
+  for s in layers.skipped:
+    # Each unnamed skipped layer on a line of its own, with its type and reason.
+    assert (f"{s.name!r} ({s.module_type}): {s.reason}" in message) == (s in unnamed)
+  ready = _ready_skip_layers(message)
+  assert ready[:len(given)] == given
+  # Pasted as it is, the value is accepted and leaves exactly the skipped
+  # layers (and what the user had named) out.
+  tx = kaisa_jax.kaisa(layers, skip_layers=ready)
+  kept = {l.name for l in layers if not any(re.search(p, l.name) for p in given)}
+  plan = kaisa_jax.placement(layers, 1, skip_layers=ready)
+  assert {l.name for l in plan.layers} == kept
+  grads, updates, _ = jitted_kfac_step(tx, loss)(params, tx.init(params), x, y)
+  assert_trees_identical(updates["up"], grads["up"])
 
 
 # ---------------------------------------------------------------------------

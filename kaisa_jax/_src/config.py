@@ -76,16 +76,27 @@ def check_dtype(name: str, dtype):
 
 
 def active_layers(layers: layers_lib.LayerRegistry,
-                   skip_layers: Sequence[str]) -> tuple[layers_lib.Layer, ...]:
+                  skip_layers: Sequence[str]) -> tuple[layers_lib.Layer, ...]:
+  """The registered layers that no ``skip_layers`` pattern matches, in registry order.
+
+  Raises if a layer the registry lists as skipped matches no pattern: it
+  would follow the plain gradient without the user having said so.
+  """
   patterns = [re.compile(p) for p in skip_layers]
-  skipped = lambda name: any(p.search(name) for p in patterns)
-  for s in layers.skipped:
-    if not skipped(s.name):
-      raise ValueError(
-          f"layer {s.name!r} ({s.module_type}) cannot be preconditioned yet: "
-          f"{s.reason}. Pass skip_layers=({re.escape(s.name)!r},) to leave it "
-          "to the plain gradient.")
-  return tuple(l for l in layers.layers if not skipped(l.name))
+  named = lambda name: any(p.search(name) for p in patterns)
+  unnamed = [s for s in layers.skipped if not named(s.name)]
+  if unnamed:
+    raise ValueError(_skipped_message(unnamed, skip_layers))
+  return tuple(l for l in layers.layers if not named(l.name))
+
+
+def _skipped_message(unnamed, skip_layers: Sequence[str]) -> str:
+  """Every skipped layer no pattern names, and the ``skip_layers`` value that names them all."""
+  lines = [f"  {s.name!r} ({s.module_type}): {s.reason}" for s in unnamed]
+  # Anchored, so that naming 'Dense_1' does not also leave 'Dense_10' out.
+  ready = tuple(skip_layers) + tuple(f"^{re.escape(s.name)}$" for s in unnamed)
+  return (f"{len(unnamed)} layer(s) cannot be preconditioned yet:\n" + "\n".join(lines)
+          + f"\nPass skip_layers={ready!r} to leave them to the plain gradient.")
 
 
 def with_weight_sharing(active: tuple[layers_lib.Layer, ...],
