@@ -21,7 +21,7 @@ from kaisa_jax._src.capture import LayerCapture, find_layers, value_and_grad
 from kaisa_jax._src.eigen import Eigen, EigenCorrected, EigenOuter, Inverse
 from kaisa_jax._src.factors import LayerFactors
 from kaisa_jax._src.fisher import sampled_fisher_loss
-from kaisa_jax._src.layers import FactorShape, LayerRegistry
+from kaisa_jax._src.layers import FactorShape, LayerRegistry, UncoveredParam
 from kaisa_jax._src.placement import LayerPlacement, Placement
 from kaisa_jax._src.state import AccumulationState, KaisaState, convert_state, state_specs
 from kaisa_jax._src.train_state import TrainState
@@ -32,6 +32,7 @@ __version__ = "0.1.0"
 __all__ = [
     "find_layers", "value_and_grad", "kaisa", "placement", "state_specs", "convert_state",
     "sampled_fisher_loss", "TrainState",
-    "Placement", "LayerPlacement", "LayerRegistry", "LayerCapture", "KaisaState", "AccumulationState",
+    "Placement", "LayerPlacement", "LayerRegistry", "UncoveredParam", "LayerCapture",
+    "KaisaState", "AccumulationState",
     "LayerFactors", "FactorShape", "Eigen", "EigenOuter", "EigenCorrected", "Inverse",
 ]

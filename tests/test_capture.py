@@ -1,5 +1,7 @@
 """Tests for find_layers and value_and_grad (the layer captures)."""
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.flatten_util
@@ -10,6 +12,7 @@ import pytest
 from jax.tree_util import DictKey
 
 import kaisa_jax
+from kaisa_jax._src.capture import coverage as coverage_lib
 from layout import group_members, layer_factors
 from oracles import assert_close, np_kernel_matrix, np_patches, random_params
 
@@ -626,3 +629,134 @@ def test_layer_inside_remat_is_registered_and_captured_exactly():
   updates, _ = jax.jit(tx.update)(grads, tx.init(params), params, captures=captures)
   assert not np.allclose(np.asarray(updates["CheckpointDense_0"]["kernel"]),
                          np.asarray(grads["CheckpointDense_0"]["kernel"]))
+
+
+# --------------------------------------------------------------------------
+# Coverage: the leaves of params the loss reads that no layer covers
+
+
+class _OwnKernel(nn.Module):
+  """A custom module holding its own kernel, applied with jnp.dot."""
+
+  @nn.compact
+  def __call__(self, x):
+    return jnp.dot(x, self.param("w", nn.initializers.lecun_normal(), (x.shape[-1], 4)))
+
+
+class _OwnRMSNorm(nn.Module):
+  """A hand-written RMSNorm (Gemma's convention: the scale is 1 + weight)."""
+
+  @nn.compact
+  def __call__(self, x):
+    weight = self.param("weight", nn.initializers.zeros, (x.shape[-1],))
+    return x * jax.lax.rsqrt(jnp.mean(x ** 2, axis=-1, keepdims=True) + 1e-6) * (1 + weight)
+
+
+class _PartlyCovered(nn.Module):
+  """Registered, skipped, uncovered and unread parameters side by side."""
+
+  @nn.compact
+  def __call__(self, x):
+    self.param("unread", nn.initializers.ones, (7,))
+    gain = self.param("gain", nn.initializers.ones, ())  # inline, in a compact method
+    x = _OwnRMSNorm(name="norm")(_OwnKernel(name="own")(x))
+    x = nn.ConvTranspose(3, (1,), name="up")(x[:, None, :])[:, 0, :]
+    return nn.Dense(2, name="head")(x) * gain
+
+
+def _partly_covered_problem():
+  model = _PartlyCovered()
+  x = jnp.asarray(np.random.default_rng(20).normal(size=(4, 5)), jnp.float32)
+  params = random_params(model, x, seed=21)
+  return params, x, lambda p, x: jnp.mean(model.apply({"params": p}, x) ** 2)
+
+
+def _sizes(params, names) -> int:
+  return sum(_leaf_at(params, (DictKey(a), DictKey(b))).size for a, b in names)
+
+
+def test_uncovered_leaves_are_listed_by_path_and_shape():
+  params, x, loss_fn = _partly_covered_problem()
+  registry = kaisa_jax.find_layers(loss_fn, params, x)
+  assert registry.names == ("head",)
+  assert [s.name for s in registry.skipped] == ["up"]
+  covered = {("head", "kernel"), ("head", "bias"), ("up", "kernel"), ("up", "bias")}
+  grads = jax.grad(loss_fn)(params, x)
+  expected = []
+  for path, grad in jax.tree_util.tree_flatten_with_path(grads)[0]:
+    keys = tuple(k.key for k in path)
+    # With random params every leaf the loss reads has a nonzero gradient.
+    if keys not in covered and np.any(np.asarray(grad) != 0):
+      expected.append(("/".join(keys), path, grad.shape))
+  assert [(u.name, u.path, u.shape) for u in registry.uncovered] == expected
+  assert {name for name, _, _ in expected} == {"gain", "norm/weight", "own/w"}
+  assert [u.size for u in registry.uncovered] == [math.prod(s) for _, _, s in expected]
+  assert registry.registered_entries == _sizes(params, [("head", "kernel"), ("head", "bias")])
+  assert registry.plain_entries == (_sizes(params, [("up", "kernel"), ("up", "bias")])
+                                    + sum(u.size for u in registry.uncovered))
+  table = str(registry)
+  for u in registry.uncovered:
+    assert f"uncovered {u.shape}: plain gradient" in next(
+        line for line in table.splitlines() if line.startswith(u.name + " "))
+  assert "unread" not in table
+  assert (f"parameters: {registry.registered_entries:,} in registered layers" in table
+          and f"{registry.plain_entries:,} follow the plain gradient" in table)
+
+
+def _checkpointed(loss_fn):
+  """``loss_fn`` under a jax.checkpoint made in the loss, which hands it every leaf."""
+  return lambda p, x: jax.checkpoint(lambda p: loss_fn(p, x))(p)
+
+
+def test_leaves_only_aux_reads_or_a_checkpoint_drops_are_not_uncovered():
+  params, x, loss_fn = _partly_covered_problem()
+  names = lambda loss: [u.name for u in kaisa_jax.find_layers(loss, params, x).uncovered]
+  expected = names(loss_fn)
+  # The loss is the first output: what aux alone reads gets no gradient.
+  assert names(lambda p, x: (loss_fn(p, x), p["unread"] * 2)) == expected
+  # A leaf handed to a jax.checkpoint that does not read it is not read.
+  assert names(_checkpointed(loss_fn)) == expected
+  # Multiplied by zero it is still read: listed.
+  assert names(lambda p, x: loss_fn(p, x) + 0 * jnp.sum(p["unread"])) == sorted(
+      expected + ["unread"])
+
+
+def test_without_jax_dead_code_elimination_coverage_over_estimates(monkeypatch):
+  # The fallback does not look into nested jaxprs: a leaf a checkpoint is
+  # given but does not read is listed too; a leaf read is never missed.
+  params, x, loss_fn = _partly_covered_problem()
+  names = lambda loss: {u.name for u in kaisa_jax.find_layers(loss, params, x).uncovered}
+  precise = names(loss_fn)
+  monkeypatch.setattr(coverage_lib, "_dce_jaxpr", None)
+  assert names(loss_fn) == precise
+  assert names(_checkpointed(loss_fn)) == precise | {"unread"}
+
+
+def test_uncovered_leaves_need_allow_plain_gradient():
+  params, x, loss_fn = _partly_covered_problem()
+  registry = kaisa_jax.find_layers(loss_fn, params, x)
+  with pytest.raises(ValueError) as error:
+    kaisa_jax.kaisa(registry, skip_layers=("^up$",))
+  message = str(error.value)
+  assert "allow_plain_gradient=True" in message and "skip_layers" not in message
+  for u in registry.uncovered:
+    assert f"{u.name!r} {u.shape}" in message
+  # Both lists in one error.
+  with pytest.raises(ValueError, match="(?s)'up' \\(ConvTranspose\\).*'own/w' \\(5, 4\\)"):
+    kaisa_jax.kaisa(registry)
+  # The plan does not depend on the uncovered leaves, only on the skipped layers.
+  assert [l.name for l in kaisa_jax.placement(registry, 1, skip_layers=("^up$",)).layers] == [
+      "head"]
+  with pytest.raises(ValueError, match="'up' \\(ConvTranspose\\)"):
+    kaisa_jax.placement(registry, 1)
+  # One argument accepts the uncovered leaves and the skipped layer alike.
+  tx = kaisa_jax.kaisa(registry, allow_plain_gradient=True, kl_clip=None)
+  assert [l.name for l in kaisa_jax.placement(registry, 1, allow_plain_gradient=True).layers] == [
+      "head"]
+  _, grads, captures = jax.jit(kaisa_jax.value_and_grad(loss_fn))(params, x)
+  updates, _ = jax.jit(tx.update)(grads, tx.init(params), params, captures=captures)
+  for name in ("gain", "norm", "own", "up"):
+    for update, grad in zip(jax.tree.leaves(updates[name]), jax.tree.leaves(grads[name])):
+      np.testing.assert_array_equal(np.asarray(update), np.asarray(grad))
+  assert not np.allclose(np.asarray(updates["head"]["kernel"]),
+                         np.asarray(grads["head"]["kernel"]))

@@ -108,6 +108,37 @@ def test_remat_dense_is_registered_and_captured_exactly(jit):
 # nn.remat around a block of two Denses, several remat flavours
 
 
+class _GainBlock(nn.Module):
+  """Dense 4 -> tanh, times its own gain (a self.param no layer holds)."""
+
+  @nn.compact
+  def __call__(self, x):
+    gain = self.param("gain", nn.initializers.ones, (4,))
+    return jnp.tanh(nn.Dense(4, name="h")(x)) * gain
+
+
+class _RematGainNet(nn.Module):
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(2, name="o")(nn.remat(_GainBlock)(name="block")(x))
+
+
+def test_a_remat_layer_covers_its_leaves_and_its_own_param_is_uncovered():
+  # Under nn.remat the layer holds copies of its parameters: it is found by
+  # its scope path, and its kernel and bias count as covered all the same.
+  model = _RematGainNet()
+  x, t = normal_batch(BATCH, 3, 2, seed=7)
+  params = random_params(model, jnp.asarray(x), seed=8)
+  registry = kaisa_jax.find_layers(scaled_mse(model, LOSS_SCALE), params, x, t)
+  assert registry.names == ("block/h", "o") and not registry.skipped
+  gain = params["block"]["gain"]
+  assert [(u.name, u.shape) for u in registry.uncovered] == [("block/gain", gain.shape)]
+  dense_leaves = jax.tree.leaves((params["block"]["h"], params["o"]))
+  assert registry.registered_entries == sum(leaf.size for leaf in dense_leaves)
+  assert registry.plain_entries == gain.size
+
+
 class _Block(nn.Module):
   """a: Dense 4 -> tanh -> b: Dense 3, each Dense remat'ed too if ``inner_remat``."""
   inner_remat: bool = False

@@ -303,9 +303,10 @@ def test_end_to_end_update(method, outer, conv_bias, clip):
 
   # Set the KL bound so that the clip is active, scaling the first step by 1/2.
   kl_clip = expected_steps[0][2] / 4 if clip else None
+  # allow_plain_gradient: the model's scale is held by no layer.
   tx = kaisa_jax.kaisa(layers, damping=damping, factor_decay=decay, kl_clip=kl_clip,
                        learning_rate=lr, compute_method=method,
-                       eigenvalue_outer_product=outer)
+                       eigenvalue_outer_product=outer, allow_plain_gradient=True)
   state = jax.jit(tx.init)(params)
 
   @jax.jit

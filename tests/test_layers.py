@@ -204,7 +204,12 @@ def test_registry_table_lists_names_kinds_and_sizes():
   # conv: 2 channels * 9 + bias = 19, 3 outputs; head: 75 inputs, no bias, 4 outputs.
   assert lines[2].split() == ["conv", "conv", str(2 * 9 + 1), "3"]
   assert lines[3].split() == ["head", "dense", str(5 * 5 * 3), "4"]
-  assert len(lines) == 4
+  # Every entry is a registered layer's: conv 3x3x2x3 kernel + 3 bias, head 75x4.
+  entries = 3 * 3 * 2 * 3 + 3 + 5 * 5 * 3 * 4
+  assert (registry.registered_entries, registry.plain_entries) == (entries, 0)
+  assert lines[4] == (f"parameters: {entries:,} in registered layers (100.0 %), "
+                      "0 follow the plain gradient")
+  assert len(lines) == 5
   assert "conv" in repr(registry) and "head" in repr(registry)
 
 
@@ -225,6 +230,15 @@ def test_registry_table_lists_skipped_layers():
   grouped_line = [l for l in text.splitlines() if l.startswith("grouped")]
   assert len(grouped_line) == 1
   assert "skipped" in grouped_line[0] and "transposed convolutions" in grouped_line[0]
+  # The skipped layer's leaves follow the plain gradient; none is uncovered.
+  assert registry.uncovered == ()
+  sizes = {name: sum(leaf.size for leaf in jax.tree.leaves(params[name]))
+           for name in ("grouped", "head")}
+  assert (registry.registered_entries, registry.plain_entries) == (sizes["head"],
+                                                                   sizes["grouped"])
+  assert text.splitlines()[-1].endswith(
+      f"{sizes['grouped']:,} follow the plain gradient ({sizes['grouped']:,} in skipped layers, "
+      "0 uncovered)")
 
 
 def test_registry_accessors():

@@ -508,6 +508,9 @@ def test_layers_inside_nnx_remat_and_scan_are_captured_exactly(how):
   loss_fn = mse_loss(graphdef)
   layers = kaisa_jax.find_layers(loss_fn, params, x, y)
   assert not layers.skipped
+  # The transformed layers' leaves, the copies' originals, count as covered.
+  assert layers.uncovered == () and layers.plain_entries == 0
+  assert layers.registered_entries == sum(leaf.size for leaf in jax.tree.leaves(params))
   scan_kind = {"scan_shared": "dense (scan)"}.get(how, "dense (scan, 3 stacked)")
   expected = ({f"steps/{i}/lin": "dense" for i in range(LENGTH)} if how == "remat"
               else {"cell/lin" if how == "scan_shared" else "stack/lin": scan_kind})
@@ -591,6 +594,56 @@ def test_variables_the_loss_returns_keep_their_own_metadata():
   (_, aux), _, _ = jax.jit(kaisa_jax.value_and_grad(loss_fn, has_aux=True))(params, x, y)
   # A treedef holds each Variable's metadata.
   assert jax.tree.structure(aux) == jax.tree.structure(params)
+
+
+class _OwnNorm(nnx.Module):
+  """A hand-written RMSNorm holding a raw nnx.Param."""
+
+  def __init__(self, features):
+    self.weight = nnx.Param(jnp.zeros((features,)))
+
+  def __call__(self, x):
+    return x * jax.lax.rsqrt(jnp.mean(x ** 2, axis=-1, keepdims=True) + 1e-6) * (1 + self.weight)
+
+
+class PartlyCovered(nnx.Module):
+  """Linear 6 -> 5, own norm, times a raw (5, 3) nnx.Param; an unread Param."""
+
+  def __init__(self, rngs):
+    self.inp = nnx.Linear(6, 5, rngs=rngs)
+    self.norm = _OwnNorm(5)
+    self.mix = nnx.Param(jnp.ones((5, 3)))
+    self.unread = nnx.Param(jnp.ones((2,)))
+
+  def __call__(self, x):
+    return self.norm(jnp.tanh(self.inp(x))) @ self.mix
+
+
+@pytest.mark.parametrize("form", ["state", "pure_dict"])
+def test_raw_nnx_params_are_uncovered_and_need_allow_plain_gradient(form):
+  graphdef, params = split_random(PartlyCovered, seed=4)
+  if form == "pure_dict":
+    params = nnx.to_pure_dict(params)
+  x, y = batch((6,), 3, seed=5)
+  loss_fn = mse_loss(graphdef)
+  layers = kaisa_jax.find_layers(loss_fn, params, x, y)
+  assert layers.names == ("inp",)
+  p = params if form == "pure_dict" else nnx.to_pure_dict(params)
+  expected = [("mix", p["mix"].shape), ("norm/weight", p["norm"]["weight"].shape)]
+  assert [(u.name, u.shape) for u in layers.uncovered] == expected
+  assert layers.registered_entries == p["inp"]["kernel"].size + p["inp"]["bias"].size
+  assert layers.plain_entries == p["mix"].size + p["norm"]["weight"].size
+  with pytest.raises(ValueError, match="allow_plain_gradient") as error:
+    kaisa_jax.kaisa(layers)
+  assert all(f"{name!r} {shape}" in str(error.value) for name, shape in expected)
+  tx = kaisa_jax.kaisa(layers, allow_plain_gradient=True, kl_clip=None)
+  _, grads, captures = jax.jit(kaisa_jax.value_and_grad(loss_fn))(params, x, y)
+  updates, _ = jax.jit(tx.update)(grads, tx.init(params), params, captures=captures)
+  pure = lambda tree: tree if form == "pure_dict" else nnx.to_pure_dict(tree)
+  updates, grads = pure(updates), pure(grads)
+  np.testing.assert_array_equal(updates["mix"], grads["mix"])
+  np.testing.assert_array_equal(updates["norm"]["weight"], grads["norm"]["weight"])
+  assert not np.allclose(updates["inp"]["kernel"], grads["inp"]["kernel"])
 
 
 # ---------------------------------------------------------------------------

@@ -79,6 +79,40 @@ IDS = ["stacked", "stacked_remat_inside", "stacked_remat_around", "shared",
        "shared_remat_inside", "shared_remat_around"]
 
 
+class _GainStep(nn.Module):
+  """One iteration: c -> tanh(Dense 4 (c)) * gain, the gain a self.param no layer holds."""
+
+  @nn.compact
+  def __call__(self, carry, _):
+    gain = self.param("gain", nn.initializers.ones, (4,))
+    return jnp.tanh(nn.Dense(4, name="d")(carry)) * gain, None
+
+
+@pytest.mark.parametrize("stacked, remat", CASES, ids=IDS)
+def test_a_scanned_layer_covers_its_leaves_and_a_scanned_param_is_uncovered(stacked, remat):
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      body = nn.remat(_GainStep) if remat == "inside" else _GainStep
+      scanned = _scan(body, stacked, length=LENGTH)
+      x, _ = (nn.remat(scanned) if remat == "around" else scanned)(name="inner")(x, None)
+      return nn.Dense(2, name="head")(x)
+
+  model = Net()
+  x, t = normal_batch(BATCH, 4, 2, seed=5)
+  params = random_params(model, jnp.asarray(x), seed=6)
+  registry = kaisa_jax.find_layers(scaled_mse(model, LOSS_SCALE), params, x, t)
+  assert registry.names == ("inner/d", "head") and not registry.skipped
+  gain = params["inner"]["gain"]  # (LENGTH, 4) when stacked, (4,) when shared
+  assert [(u.name, u.shape) for u in registry.uncovered] == [("inner/gain", gain.shape)]
+  dense_leaves = jax.tree.leaves((params["inner"]["d"], params["head"]))
+  assert registry.registered_entries == sum(leaf.size for leaf in dense_leaves)
+  assert registry.plain_entries == gain.size
+  with pytest.raises(ValueError, match="'inner/gain'"):
+    kaisa_jax.kaisa(registry)
+  kaisa_jax.kaisa(registry, allow_plain_gradient=True)
+
+
 @pytest.mark.parametrize("stacked, remat", CASES, ids=IDS)
 def test_scan_captures_every_iteration_exactly(stacked, remat):
   model = _ScanNet(stacked, remat)

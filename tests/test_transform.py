@@ -11,6 +11,9 @@ uninterrupted run) compare the two runs with each other.
 
 from __future__ import annotations
 
+import ast
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -43,7 +46,11 @@ INJECT_STATIC = ("layers", "factor_update_steps", "inv_update_steps",
 
 
 class MLP(nn.Module):
-  """6 -> 5 (bias, tanh) -> 3 (no bias), times an unregistered scalar."""
+  """6 -> 5 (bias, tanh) -> 3 (no bias), times a scalar no layer covers.
+
+  ``kaisa`` is given ``allow_plain_gradient=True`` for it: the scalar
+  follows the plain gradient.
+  """
 
   @nn.compact
   def __call__(self, x):
@@ -381,6 +388,9 @@ def test_registry_of_the_test_mlp(mlp_layers):
   assert mlp_layers.names == tuple(MLP_LAYERS)
   for layer in mlp_layers:
     assert (layer.has_bias, layer.a_size, layer.g_size) == MLP_LAYERS[layer.name]
+  assert [(u.name, u.shape) for u in mlp_layers.uncovered] == [("scale", ())]
+  with pytest.raises(ValueError, match="'scale' \\(\\)"):
+    kaisa_jax.kaisa(mlp_layers)
 
 
 @pytest.mark.parametrize("method,outer", [("eigen", True), ("eigen", False),
@@ -388,7 +398,7 @@ def test_registry_of_the_test_mlp(mlp_layers):
 def test_update_matches_oracle_over_steps(mlp_layers, method, outer):
   hp = dict(damping=0.03, factor_decay=0.6, factor_update_steps=2,
             inv_update_steps=3, kl_clip=1.0, learning_rate=0.1)
-  tx = kaisa_jax.kaisa(mlp_layers, compute_method=method,
+  tx = kaisa_jax.kaisa(mlp_layers, allow_plain_gradient=True, compute_method=method,
                        eigenvalue_outer_product=outer, **hp)
   oracle = KfacOracle(compute_method=method, eigenvalue_outer_product=outer, **hp)
   step = jitted_kfac_step(tx)
@@ -432,7 +442,7 @@ def test_ekfac_matches_oracle_over_steps(mlp_layers, g_factor_scaling):
   # by the rows' second moment on factor steps (every 2nd), in between kept.
   hp = dict(damping=0.03, factor_decay=0.6, factor_update_steps=2, inv_update_steps=3,
             kl_clip=1.0, learning_rate=0.1, g_factor_scaling=g_factor_scaling)
-  tx = kaisa_jax.kaisa(mlp_layers, compute_method="ekfac", **hp)
+  tx = kaisa_jax.kaisa(mlp_layers, allow_plain_gradient=True, compute_method="ekfac", **hp)
   oracle = KfacOracle(compute_method="ekfac", **hp)
   step = jitted_kfac_step(tx)
   params = mlp_params(3)
@@ -457,7 +467,8 @@ def test_ekfac_matches_oracle_over_steps(mlp_layers, g_factor_scaling):
 
 def test_ekfac_unsupported_settings_raise(mlp_layers):
   with pytest.raises(ValueError, match="accumulation_steps"):
-    kaisa_jax.kaisa(mlp_layers, compute_method="ekfac", accumulation_steps=2)
+    kaisa_jax.kaisa(mlp_layers, allow_plain_gradient=True, compute_method="ekfac",
+                    accumulation_steps=2)
   with pytest.raises(ValueError, match="grad_worker_frac=1"):
     kaisa_jax.placement(mlp_layers, 4, 1 / 4, compute_method="ekfac")
 
@@ -465,7 +476,7 @@ def test_ekfac_unsupported_settings_raise(mlp_layers):
 def test_per_example_g_scaling_matches_oracle_over_steps(mlp_layers):
   hp = dict(damping=0.03, factor_decay=0.6, factor_update_steps=2,
             inv_update_steps=3, kl_clip=1e-3, learning_rate=0.1)
-  tx = kaisa_jax.kaisa(mlp_layers, g_factor_scaling="per_example", **hp)
+  tx = kaisa_jax.kaisa(mlp_layers, allow_plain_gradient=True, g_factor_scaling="per_example", **hp)
   oracle = KfacOracle(g_factor_scaling="per_example", **hp)
   step = jitted_kfac_step(tx)
   params = mlp_params(3)
@@ -483,7 +494,8 @@ def test_per_example_g_scaling_matches_oracle_over_steps(mlp_layers):
 def test_g_factor_of_a_doubled_batch(mlp_layers, scaling, g_ratio):
   # The same examples twice: a mean loss halves every output gradient. Per-example
   # G does not notice; the reference's G drops to a quarter. A never changes.
-  tx = kaisa_jax.kaisa(mlp_layers, factor_decay=0.5, g_factor_scaling=scaling)
+  tx = kaisa_jax.kaisa(mlp_layers, allow_plain_gradient=True, factor_decay=0.5,
+                       g_factor_scaling=scaling)
   step = jitted_kfac_step(tx)
   params = mlp_params(5)
   x, y = mlp_batch(np.random.default_rng(6))
@@ -565,7 +577,7 @@ def test_weight_sharing_factors_match_oracle(weight_sharing, modes):
 ])
 def test_bad_weight_sharing_raises(mlp_layers, weight_sharing, match):
   with pytest.raises(ValueError, match=match):
-    kaisa_jax.kaisa(mlp_layers, weight_sharing=weight_sharing)
+    kaisa_jax.kaisa(mlp_layers, allow_plain_gradient=True, weight_sharing=weight_sharing)
 
 
 def test_weight_sharing_reduce_named_for_a_conv_layer_raises():
@@ -593,7 +605,7 @@ def test_kl_clip_scales_every_registered_layer_by_nu(mlp_layers):
   assert vg > 0
 
   for kl_clip, nu in ((vg / 16, 0.25), (4 * vg, 1.0), (None, 1.0)):
-    tx = kaisa_jax.kaisa(mlp_layers, kl_clip=kl_clip, **hp)
+    tx = kaisa_jax.kaisa(mlp_layers, allow_plain_gradient=True, kl_clip=kl_clip, **hp)
     updates, _ = tx.update(grads, tx.init(params), params, captures=captures)
     oracle = KfacOracle(kl_clip=kl_clip, **hp)
     expected = oracle.update(params, x, y)
@@ -603,14 +615,14 @@ def test_kl_clip_scales_every_registered_layer_by_nu(mlp_layers):
     np.testing.assert_array_equal(updates["scale"], grads["scale"])
 
   # kl_clip=None never clips, however large the step.
-  tx = kaisa_jax.kaisa(mlp_layers, kl_clip=None, damping=0.05, factor_decay=0.5,
-                       learning_rate=1e3)
+  tx = kaisa_jax.kaisa(mlp_layers, allow_plain_gradient=True, kl_clip=None, damping=0.05,
+                       factor_decay=0.5, learning_rate=1e3)
   updates, _ = tx.update(grads, tx.init(params), params, captures=captures)
   assert_close(updates, unclipped)
 
   # A zero learning rate makes vg = 0: nu = 1, not a division by zero.
-  tx = kaisa_jax.kaisa(mlp_layers, kl_clip=1e-9, damping=0.05, factor_decay=0.5,
-                       learning_rate=0.0)
+  tx = kaisa_jax.kaisa(mlp_layers, allow_plain_gradient=True, kl_clip=1e-9, damping=0.05,
+                       factor_decay=0.5, learning_rate=0.0)
   updates, _ = tx.update(grads, tx.init(params), params, captures=captures)
   assert_close(updates, unclipped)
 
@@ -623,7 +635,7 @@ def test_schedules_are_evaluated_at_the_right_step(mlp_layers, method, outer):
             learning_rate=lambda t: 0.1 + 0.05 * t,
             kl_clip=lambda t: 2e-4 * (1 + t),
             factor_update_steps=1, inv_update_steps=2)
-  tx = kaisa_jax.kaisa(mlp_layers, compute_method=method,
+  tx = kaisa_jax.kaisa(mlp_layers, allow_plain_gradient=True, compute_method=method,
                        eigenvalue_outer_product=outer, **hp)
   oracle = KfacOracle(compute_method=method, eigenvalue_outer_product=outer, **hp)
   # With the damping of the other eigen form: outer keeps the damping of the
@@ -658,7 +670,8 @@ def test_schedules_are_evaluated_at_the_right_step(mlp_layers, method, outer):
 def test_chain_with_sgd_momentum_under_jit_follows_the_oracle(mlp_layers):
   hp = dict(damping=0.02, factor_decay=0.8, factor_update_steps=2,
             inv_update_steps=3, kl_clip=1e-3, learning_rate=0.1)
-  opt = optax.chain(kaisa_jax.kaisa(mlp_layers, **hp), optax.sgd(0.1, momentum=0.9))
+  opt = optax.chain(kaisa_jax.kaisa(mlp_layers, allow_plain_gradient=True, **hp),
+                    optax.sgd(0.1, momentum=0.9))
   step = jax.jit(train_step_fn(opt))
   params = mlp_params(9)
   opt_state = opt.init(params)
@@ -681,7 +694,7 @@ def test_chain_with_sgd_momentum_under_jit_follows_the_oracle(mlp_layers):
 
 def test_jit_and_eager_agree(mlp_layers):
   opt = optax.chain(
-      kaisa_jax.kaisa(mlp_layers, damping=0.02, factor_decay=0.8,
+      kaisa_jax.kaisa(mlp_layers, allow_plain_gradient=True, damping=0.02, factor_decay=0.8,
                       factor_update_steps=2, inv_update_steps=3),
       optax.sgd(0.1, momentum=0.9))
   eager = train_step_fn(opt)
@@ -702,7 +715,7 @@ def test_jit_and_eager_agree(mlp_layers):
 @pytest.mark.parametrize("skip_layers", [("Dense_1",), "_1$"])
 def test_skipped_and_unregistered_leaves_pass_through(mlp_layers, skip_layers):
   hp = dict(damping=0.02, factor_decay=0.5, kl_clip=1e-6, learning_rate=0.1)
-  tx = kaisa_jax.kaisa(mlp_layers, skip_layers=skip_layers, **hp)
+  tx = kaisa_jax.kaisa(mlp_layers, allow_plain_gradient=True, skip_layers=skip_layers, **hp)
   params = mlp_params(13)
   state = tx.init(params)
   assert set(layer_factors(mlp_layers, state, skip_layers=skip_layers)) == {"Dense_0"}
@@ -726,7 +739,7 @@ def test_skipped_and_unregistered_leaves_pass_through(mlp_layers, skip_layers):
 
 
 def test_unregistered_leaf_passes_through_every_layer_skipped(mlp_layers):
-  tx = kaisa_jax.kaisa(mlp_layers, skip_layers=(".*",))
+  tx = kaisa_jax.kaisa(mlp_layers, allow_plain_gradient=True, skip_layers=(".*",))
   params = mlp_params(15)
   grads, captures = grads_and_captures(params, *mlp_batch(np.random.default_rng(16)))
   state = tx.init(params)
@@ -744,8 +757,8 @@ def test_inject_hyperparams_matches_plain_transform_under_jit(mlp_layers):
   hp = dict(damping=0.02, factor_decay=0.7, kl_clip=1e-3, learning_rate=0.1,
             factor_update_steps=2, inv_update_steps=3)
   injected = optax.inject_hyperparams(kaisa_jax.kaisa, static_args=INJECT_STATIC)(
-      layers=mlp_layers, **hp)
-  plain = kaisa_jax.kaisa(mlp_layers, **hp)
+      layers=mlp_layers, allow_plain_gradient=True, **hp)
+  plain = kaisa_jax.kaisa(mlp_layers, allow_plain_gradient=True, **hp)
   step_injected, step_plain = jitted_kfac_step(injected), jitted_kfac_step(plain)
   params = mlp_params(17)
   s_injected, s_plain = injected.init(params), plain.init(params)
@@ -778,7 +791,7 @@ def test_inject_hyperparams_matches_plain_transform_under_jit(mlp_layers):
 def test_accumulation_emits_zeros_then_the_big_batch_update(mlp_layers):
   k, micro = 4, 8
   hp = dict(damping=0.02, factor_decay=0.6, kl_clip=1e-3, learning_rate=0.1)
-  tx = kaisa_jax.kaisa(mlp_layers, accumulation_steps=k, **hp)
+  tx = kaisa_jax.kaisa(mlp_layers, allow_plain_gradient=True, accumulation_steps=k, **hp)
   step = jitted_kfac_step(tx)
   params = mlp_params(19)
   x, y = mlp_batch(np.random.default_rng(20), k * micro)
@@ -816,7 +829,7 @@ def test_accumulation_equals_one_big_batch(model, scaling):
   layers = kaisa_jax.find_layers(loss, params, *make_batch(rng, micro))
   hp = dict(damping=0.01, factor_decay=0.7, factor_update_steps=2,
             inv_update_steps=3, kl_clip=1e-3, learning_rate=0.1,
-            g_factor_scaling=scaling)
+            g_factor_scaling=scaling, allow_plain_gradient=model == "mlp")  # the MLP's scale
   big_opt = optax.chain(kaisa_jax.kaisa(layers, **hp), optax.sgd(0.1, momentum=0.9))
   acc_opt = optax.chain(
       kaisa_jax.kaisa(layers, accumulation_steps=k, **hp),
@@ -848,7 +861,7 @@ def test_accumulation_equals_one_big_batch(model, scaling):
 def test_accumulation_skips_a_nonfinite_micro_batch(mlp_layers):
   k, micro = 2, 8
   hp = dict(damping=0.02, factor_decay=0.6, kl_clip=None, learning_rate=0.1)
-  tx = kaisa_jax.kaisa(mlp_layers, accumulation_steps=k, **hp)
+  tx = kaisa_jax.kaisa(mlp_layers, allow_plain_gradient=True, accumulation_steps=k, **hp)
   step = jitted_kfac_step(tx)
   oracle = KfacOracle(**hp)
   params = mlp_params(31)
@@ -893,20 +906,20 @@ def test_accumulation_skips_a_nonfinite_micro_batch(mlp_layers):
 ])
 def test_bad_hyperparameters_raise(mlp_layers, kwargs, match):
   with pytest.raises(ValueError, match=match):
-    kaisa_jax.kaisa(mlp_layers, **kwargs)
+    kaisa_jax.kaisa(mlp_layers, allow_plain_gradient=True, **kwargs)
 
 
 def test_factor_decay_of_one_is_allowed(mlp_layers):
-  kaisa_jax.kaisa(mlp_layers, factor_decay=1.0)
+  kaisa_jax.kaisa(mlp_layers, allow_plain_gradient=True, factor_decay=1.0)
 
 
 @pytest.mark.parametrize("name", ["inv_dtype", "factor_dtype"])
 def test_float64_without_x64_raises(mlp_layers, name):
   with jax.enable_x64(False):
     with pytest.raises(ValueError, match=name):
-      kaisa_jax.kaisa(mlp_layers, **{name: jnp.float64})
+      kaisa_jax.kaisa(mlp_layers, allow_plain_gradient=True, **{name: jnp.float64})
     with pytest.raises(ValueError, match=name):
-      kaisa_jax.kaisa(mlp_layers, **{name: "float64"})
+      kaisa_jax.kaisa(mlp_layers, allow_plain_gradient=True, **{name: "float64"})
 
 
 def test_layers_must_be_a_registry():
@@ -915,7 +928,7 @@ def test_layers_must_be_a_registry():
 
 
 def test_bad_captures_raise(mlp_layers):
-  tx = kaisa_jax.kaisa(mlp_layers)
+  tx = kaisa_jax.kaisa(mlp_layers, allow_plain_gradient=True)
   params = mlp_params()
   state = tx.init(params)
   grads, captures = grads_and_captures(params, *mlp_batch(np.random.default_rng(23)))
@@ -927,12 +940,12 @@ def test_bad_captures_raise(mlp_layers):
   with pytest.raises(ValueError, match="Dense_1"):
     tx.update(grads, state, params, captures=missing)
   # A skipped layer needs no captures.
-  tx_skip = kaisa_jax.kaisa(mlp_layers, skip_layers=("Dense_1",))
+  tx_skip = kaisa_jax.kaisa(mlp_layers, allow_plain_gradient=True, skip_layers=("Dense_1",))
   tx_skip.update(grads, tx_skip.init(params), params, captures=missing)
 
 
 def test_shapes_disagreeing_with_the_registry_raise(mlp_layers):
-  tx = kaisa_jax.kaisa(mlp_layers)
+  tx = kaisa_jax.kaisa(mlp_layers, allow_plain_gradient=True)
   params = mlp_params()
   wide = jax.tree.map(lambda v: v, params)
   wide["Dense_0"] = {"kernel": jnp.zeros((N_IN, N_HIDDEN + 1)),
@@ -966,6 +979,51 @@ def test_unsupported_layer_must_be_skipped():
   assert_trees_identical(updates["masked"], grads["masked"])
 
 
+class TwoSkippedNet(nn.Module):
+  """Two layers found but not supported (a masked and a transposed convolution), a Dense."""
+
+  @nn.compact
+  def __call__(self, x):
+    mask = jnp.ones((3, 3, x.shape[-1], 4)).at[0].set(0)
+    h = nn.Conv(4, (3, 3), mask=mask, name="masked")(x)
+    h = nn.ConvTranspose(2, (2, 2), name="up")(h)
+    return nn.Dense(N_OUT, name="Dense_1")(h.reshape(h.shape[0], -1))
+
+
+def _ready_skip_layers(message: str) -> tuple:
+  """The ``skip_layers=(...)`` value a skip error offers, parsed."""
+  match = re.search(r"skip_layers=(\(.*?\))", message)
+  assert match, message
+  return ast.literal_eval(match.group(1))
+
+
+@pytest.mark.parametrize("given", [(), ("^up$",), ("Dense",)])
+def test_skip_error_lists_every_skipped_layer_with_a_ready_value(given):
+  model = TwoSkippedNet()
+  x, y = jnp.ones((2, 4, 4, 2)), jnp.zeros((2, N_OUT))
+  params = jax.jit(model.init)(jax.random.key(0), x)["params"]
+  loss = lambda p, x, y: squared_error(model.apply({"params": p}, x), y)
+  layers = kaisa_jax.find_layers(loss, params, x, y)
+  assert {s.name for s in layers.skipped} == {"masked", "up"}
+  unnamed = [s for s in layers.skipped if not any(re.search(p, s.name) for p in given)]
+  with pytest.raises(ValueError) as error:
+    kaisa_jax.kaisa(layers, skip_layers=given)
+  message = str(error.value)
+  for s in layers.skipped:
+    # Each unnamed skipped layer on a line of its own, with its type and reason.
+    assert (f"{s.name!r} ({s.module_type}): {s.reason}" in message) == (s in unnamed)
+  ready = _ready_skip_layers(message)
+  assert ready[:len(given)] == given
+  # Pasted as it is, the value is accepted and leaves exactly the skipped
+  # layers (and what the user had named) out.
+  tx = kaisa_jax.kaisa(layers, skip_layers=ready)
+  kept = {l.name for l in layers if not any(re.search(p, l.name) for p in given)}
+  plan = kaisa_jax.placement(layers, 1, skip_layers=ready)
+  assert {l.name for l in plan.layers} == kept
+  grads, updates, _ = jitted_kfac_step(tx, loss)(params, tx.init(params), x, y)
+  assert_trees_identical(updates["up"], grads["up"])
+
+
 # ---------------------------------------------------------------------------
 # 7. Non-finite steps.
 
@@ -973,7 +1031,7 @@ def test_unsupported_layer_must_be_skipped():
 @pytest.mark.parametrize("poison", ["inputs", "targets", "unregistered_grad"])
 def test_nonfinite_factor_step_is_skipped(mlp_layers, poison):
   hp = dict(damping=0.02, factor_decay=0.6, kl_clip=1e-3, learning_rate=0.1)
-  tx = kaisa_jax.kaisa(mlp_layers, **hp)
+  tx = kaisa_jax.kaisa(mlp_layers, allow_plain_gradient=True, **hp)
   oracle = KfacOracle(**hp)
   params = mlp_params(25)
   state = tx.init(params)
@@ -1016,7 +1074,7 @@ def test_nonfinite_factor_step_is_skipped(mlp_layers, poison):
 def test_nonfinite_decomposition_is_rejected(mlp_layers, method, bad_factor):
   hp = dict(damping=0.02, factor_decay=0.6, kl_clip=None, learning_rate=0.1,
             factor_update_steps=2, compute_method=method)
-  tx = kaisa_jax.kaisa(mlp_layers, **hp)
+  tx = kaisa_jax.kaisa(mlp_layers, allow_plain_gradient=True, **hp)
   oracle = KfacOracle(**hp)
   params = mlp_params(27)
   rng = np.random.default_rng(28)
@@ -1061,7 +1119,7 @@ def test_nonfinite_decomposition_is_rejected(mlp_layers, method, bad_factor):
 @pytest.mark.parametrize("accumulation_steps", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_orbax_restore_continues_bit_identically(mlp_layers, tmp_path, accumulation_steps):
   k = accumulation_steps
-  kfac = kaisa_jax.kaisa(mlp_layers, damping=0.02, factor_decay=0.8,
+  kfac = kaisa_jax.kaisa(mlp_layers, allow_plain_gradient=True, damping=0.02, factor_decay=0.8,
                          factor_update_steps=2, inv_update_steps=3,
                          accumulation_steps=k)
   sgd = optax.sgd(0.1, momentum=0.9)

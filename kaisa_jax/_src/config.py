@@ -83,17 +83,47 @@ def check_dtype(name: str, dtype):
   return dtype
 
 
-def active_layers(layers: layers_lib.LayerRegistry,
-                   skip_layers: Sequence[str]) -> tuple[layers_lib.Layer, ...]:
+def active_layers(layers: layers_lib.LayerRegistry, skip_layers: Sequence[str],
+                  allow_plain_gradient: bool = False,
+                  check_uncovered: bool = True) -> tuple[layers_lib.Layer, ...]:
+  """The registered layers that no ``skip_layers`` pattern matches, in registry order.
+
+  Unless ``allow_plain_gradient``, raises if a parameter would follow the
+  plain gradient without the user having said so: a layer the registry
+  lists as skipped that no pattern names, or (``check_uncovered``) any
+  uncovered leaf.
+  """
   patterns = [re.compile(p) for p in skip_layers]
-  skipped = lambda name: any(p.search(name) for p in patterns)
-  for s in layers.skipped:
-    if not skipped(s.name):
-      raise ValueError(
-          f"layer {s.name!r} ({s.module_type}) cannot be preconditioned yet: "
-          f"{s.reason}. Pass skip_layers=({re.escape(s.name)!r},) to leave it "
-          "to the plain gradient.")
-  return tuple(l for l in layers.layers if not skipped(l.name))
+  named = lambda name: any(p.search(name) for p in patterns)
+  if not allow_plain_gradient:
+    unnamed = [s for s in layers.skipped if not named(s.name)]
+    uncovered = layers.uncovered if check_uncovered else ()
+    problems = ([_skipped_message(unnamed, skip_layers)] if unnamed else []) + (
+        [_uncovered_message(uncovered)] if uncovered else [])
+    if problems:
+      raise ValueError("\n".join(problems))
+  return tuple(l for l in layers.layers if not named(l.name))
+
+
+def _skipped_message(unnamed, skip_layers: Sequence[str]) -> str:
+  """Every skipped layer no pattern names, and the ``skip_layers`` value that names them all."""
+  lines = [f"  {s.name!r} ({s.module_type}): {s.reason}" for s in unnamed]
+  # Anchored, so that naming 'Dense_1' does not also leave 'Dense_10' out.
+  ready = tuple(skip_layers) + tuple(f"^{re.escape(s.name)}$" for s in unnamed)
+  return (f"{len(unnamed)} layer(s) cannot be preconditioned yet:\n" + "\n".join(lines)
+          + f"\nPass skip_layers={ready!r} to leave them to the plain gradient "
+          "(or allow_plain_gradient=True to accept every parameter that is not preconditioned).")
+
+
+def _uncovered_message(uncovered) -> str:
+  """Every uncovered leaf, by path and shape, and what to do about them."""
+  lines = [f"  {u.name!r} {u.shape}" for u in uncovered]
+  return (f"{len(uncovered)} parameter(s) the loss reads are held by no registered layer "
+          "(a module's own self.param used with jnp.dot, a hand-written norm, a raw "
+          "nnx.Param):\n" + "\n".join(lines)
+          + "\nPass allow_plain_gradient=True to leave them to the plain gradient, or compute "
+          "them with a Flax layer kaisa_jax registers (nn.Dense, nn.Einsum, nn.RMSNorm, ...: "
+          "see the layer kinds in the README).")
 
 
 def with_weight_sharing(active: tuple[layers_lib.Layer, ...],
@@ -328,8 +358,8 @@ def placement_options(*, grad_worker_frac, colocate_factors, cost_model, compute
 
 def make_config(layers, *, damping, factor_decay, factor_update_steps, inv_update_steps,
                 kl_clip, learning_rate, compute_method, eigenvalue_outer_product,
-                accumulation_steps, skip_layers, factor_dtype, inv_dtype, axis_name,
-                grad_worker_frac, colocate_factors, cost_model, symmetric_factors,
+                accumulation_steps, skip_layers, allow_plain_gradient, factor_dtype, inv_dtype,
+                axis_name, grad_worker_frac, colocate_factors, cost_model, symmetric_factors,
                 g_factor_scaling, weight_sharing, factor_subsample=None,
                 factor_subsample_seed=None, stagger_decompositions=False) -> KaisaConfig:
   """Checks ``kaisa``'s arguments (see its docstring) into a ``KaisaConfig``."""
@@ -351,7 +381,7 @@ def make_config(layers, *, damping, factor_decay, factor_update_steps, inv_updat
         "eigenvalue scaling needs each micro-batch's rows in the current eigenbases.")
   if isinstance(skip_layers, str):
     skip_layers = (skip_layers,)
-  registry_layers = active_layers(layers, skip_layers)
+  registry_layers = active_layers(layers, skip_layers, allow_plain_gradient)
   subsample_size, subsample_seed = subsample_lib.check(factor_subsample, factor_subsample_seed)
   options = placement_options(
       grad_worker_frac=grad_worker_frac, colocate_factors=colocate_factors,

@@ -43,6 +43,7 @@ def kaisa(
     eigenvalue_outer_product: bool = True,
     accumulation_steps: int = 1,
     skip_layers: Sequence[str] = (),
+    allow_plain_gradient: bool = False,
     factor_dtype: Any = "float32",
     inv_dtype: Any = "float32",
     axis_name: Optional[Hashable] = None,
@@ -90,7 +91,16 @@ def kaisa(
       The update is zero on the first k-1 micro-batches; wrap the optimizer
       that follows in ``optax.MultiSteps(opt, k, use_grad_mean=False)``.
     skip_layers: regular expressions; layers whose name matches one are left
-      to the plain gradient.
+      to the plain gradient. Every layer the registry lists as skipped must
+      match one (the error offers the value that names them all), unless
+      ``allow_plain_gradient``.
+    allow_plain_gradient: accept that the parameters K-FAC cannot
+      precondition follow the plain gradient: the registry's uncovered
+      leaves (``layers.uncovered``: read by the loss, held by no registered
+      layer, e.g. a custom module's ``self.param`` used with ``jnp.dot``)
+      and its skipped layers, named in ``skip_layers`` or not. False (the
+      default) raises, naming each, so that none does unnoticed;
+      ``print(layers)`` shows how many entries are preconditioned.
     factor_dtype: dtype (or its name) the factors are computed and kept in
       ('float32'; 'bfloat16' saves time at a loss of precision).
     inv_dtype: dtype (or its name) of the decompositions and the
@@ -177,9 +187,9 @@ def kaisa(
       factor_update_steps=factor_update_steps, inv_update_steps=inv_update_steps,
       kl_clip=kl_clip, learning_rate=learning_rate, compute_method=compute_method,
       eigenvalue_outer_product=eigenvalue_outer_product, accumulation_steps=accumulation_steps,
-      skip_layers=skip_layers, factor_dtype=factor_dtype, inv_dtype=inv_dtype,
-      axis_name=axis_name, grad_worker_frac=grad_worker_frac,
-      colocate_factors=colocate_factors, cost_model=cost_model,
+      skip_layers=skip_layers, allow_plain_gradient=allow_plain_gradient,
+      factor_dtype=factor_dtype, inv_dtype=inv_dtype, axis_name=axis_name,
+      grad_worker_frac=grad_worker_frac, colocate_factors=colocate_factors, cost_model=cost_model,
       symmetric_factors=symmetric_factors, g_factor_scaling=g_factor_scaling,
       weight_sharing=weight_sharing, factor_subsample=factor_subsample,
       factor_subsample_seed=factor_subsample_seed,
@@ -312,7 +322,8 @@ def accumulate(config: config_lib.KaisaConfig, grads, state: state_lib.KaisaStat
 
 def placement(layers: layers_lib.LayerRegistry, num_devices: int,
               grad_worker_frac: float = 1.0, *, skip_layers: Sequence[str] = (),
-              colocate_factors: bool = True, cost_model: str = "compute",
+              allow_plain_gradient: bool = False, colocate_factors: bool = True,
+              cost_model: str = "compute",
               compute_method: str = "eigen", eigenvalue_outer_product: bool = True,
               symmetric_factors: bool = True, factor_dtype: Any = "float32",
               inv_dtype: Any = "float32") -> placement_lib.Placement:
@@ -321,9 +332,11 @@ def placement(layers: layers_lib.LayerRegistry, num_devices: int,
   Args:
     layers: the registry from ``kaisa_jax.find_layers``.
     num_devices: N, the size of the data-parallel axis.
-    grad_worker_frac, skip_layers, colocate_factors, cost_model,
-    compute_method, eigenvalue_outer_product, symmetric_factors,
-    factor_dtype, inv_dtype: as given to ``kaisa``.
+    grad_worker_frac, skip_layers, allow_plain_gradient, colocate_factors,
+    cost_model, compute_method, eigenvalue_outer_product, symmetric_factors,
+    factor_dtype, inv_dtype: as given to ``kaisa`` (the registry's uncovered
+    leaves, which the plan does not depend on, need no
+    ``allow_plain_gradient`` here; its skipped layers do).
 
   Returns:
     A ``Placement``; printing it shows, per layer, the devices that
@@ -340,7 +353,9 @@ def placement(layers: layers_lib.LayerRegistry, num_devices: int,
   """
   if isinstance(skip_layers, str):
     skip_layers = (skip_layers,)
-  active = config_lib.active_layers(layers, skip_layers)
+  # The plan does not depend on the leaves no layer covers: they are not checked here.
+  active = config_lib.active_layers(layers, skip_layers, allow_plain_gradient,
+                                    check_uncovered=False)
   options = config_lib.placement_options(
       grad_worker_frac=grad_worker_frac, colocate_factors=colocate_factors,
       cost_model=cost_model, compute_method=compute_method,

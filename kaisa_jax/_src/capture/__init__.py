@@ -22,6 +22,7 @@ The pipeline, one module a step:
 * ``calls``: intercepts the module calls of both Flax APIs (``nnx``: the
   interceptor Flax NNX lacks) and reads each call's input and options;
 * ``params``: finds a layer's kernel and bias in params, and names the layer;
+* ``coverage``: which leaves of params the loss reads, and which no layer covers;
 * ``transforms``: where a call sits among the JAX transforms between the
   loss's trace and its own: captured directly, through the backward pass,
   per scan iteration (``scan``: the ``lax.scan`` hook), or skipped;

@@ -1,10 +1,12 @@
 """The capture's entry points: ``find_layers`` and ``value_and_grad``.
 
-``find_layers`` traces the loss once abstractly and registers the layers
-its calls show. ``value_and_grad`` traces it twice: an abstract shape pass,
-which learns every call's output (and, where it must come back through the
-backward pass, input) shape, then the loss as a function of the params and
-zero probes of those shapes, differentiated with respect to both.
+``find_layers`` traces the loss once abstractly (to a jaxpr), registers the
+layers its calls show and lists the leaves of params the loss reads that
+none of them covers. ``value_and_grad`` traces it twice: an abstract shape
+pass, which learns every call's output (and, where it must come back
+through the backward pass, input) shape, then the loss as a function of
+the params and zero probes of those shapes, differentiated with respect to
+both.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from kaisa_jax._src import fisher as fisher_lib
 from kaisa_jax._src import groups as groups_lib
 from kaisa_jax._src import layers as layers_lib
 from kaisa_jax._src.layers import scanned
+from kaisa_jax._src.capture import coverage as coverage_lib
 from kaisa_jax._src.capture.calls import (_call_arguments, _call_input, _intercept_layers,
                                           _is_layer_call, _unsupported_call)
 from kaisa_jax._src.capture.params import _module_param, _scope_name
@@ -65,8 +68,10 @@ def find_layers(loss_fn: Callable[..., Any], params: Any, *args,
 
   Returns:
     A static, hashable ``LayerRegistry``; ``print`` shows a table of layer
-    name, kind, A size and G size. A layer is named after the path of its
-    kernel in ``params`` without the leaf, e.g. 'encoder/Dense_0'. A
+    name, kind, A size and G size, then how many parameter entries are in
+    registered layers and how many follow the plain gradient. A layer is
+    named after the path of its kernel in ``params`` without the leaf, e.g.
+    'encoder/Dense_0'. A
     ``flax.linen.Dense`` 64 -> 32 with bias has A size 65 and G size 32;
     blocks show as 'blocks x size' (a LayerNorm over 64 features: A
     '64x2', G '64x1') and a diagonal as 'size (diag)' (an Embed's A). The
@@ -85,9 +90,20 @@ def find_layers(loss_fn: Callable[..., Any], params: Any, *args,
     inside other loops (``fori_loop``), a scan inside a scan, ``vmap`` or
     another transform are listed in ``skipped`` with the reason.
 
+    Every leaf of ``params`` that the loss (the first output of
+    ``loss_fn``, as traced) depends on and that no registered or skipped
+    layer holds is listed in ``uncovered`` (a ``UncoveredParam``: path,
+    shape, size), e.g. a custom module's own ``self.param`` kernel used with
+    ``jnp.dot``, a hand-written norm's scale or a raw ``nnx.Param``: it
+    follows the plain gradient, which ``kaisa`` accepts only with
+    ``allow_plain_gradient=True``. A leaf the loss never reads has a zero
+    gradient and is not listed. A remat'ed or scanned layer covers its
+    leaves of ``params`` (a stacked scan's whole leaf).
+
   Example:
     >>> layers = kaisa_jax.find_layers(loss_fn, params, x, y)
     >>> print(layers)
+    >>> [u.name for u in layers.uncovered]  # e.g. ['Block_0/w'] for a custom matmul
 
   Raises:
     ValueError: when a layer's kernel is not a leaf of ``params`` (e.g. the
@@ -103,12 +119,16 @@ def find_layers(loss_fn: Callable[..., Any], params: Any, *args,
       call_leaves[i] = leaf
     call_args, call_kwargs = jax.tree_util.tree_unflatten(treedef, call_leaves)
     loss_trace = _LossTrace(params)
+    findings.index = loss_trace.index
     interceptor = functools.partial(_find_call, findings, loss_trace)
     with _intercept_layers(interceptor, loss_trace):
       return loss_fn(params, *call_args, **call_kwargs)
 
-  jax.eval_shape(traced, params, [leaves[i] for i in dynamic])
-  return findings.registry()
+  flat_params = jax.tree_util.tree_flatten_with_path(params)[0]
+  # The jaxpr's inputs are the params' leaves, in order, then the arguments'.
+  jaxpr = jax.make_jaxpr(traced)(params, [leaves[i] for i in dynamic])
+  used = coverage_lib.used_inputs(jaxpr)[:len(flat_params)]
+  return findings.registry(flat_params, used)
 
 
 class _Findings:
@@ -124,11 +144,14 @@ class _Findings:
     # that no id is reused before ``registry`` compares them.
     self.call_inputs: dict[str, list] = {}
     self.errors: list[str] = []
+    self.index = None  # the ``_ParamIndex`` of the params being traced
+    self.skipped_paths: set = set()  # where the skipped layers' parameters are in params
 
   def skip(self, name, module, reason, final=True):
     # A layer with any call that cannot be captured is not registered, even
     # when its other calls could be: its factors would miss those rows.
     self.found.pop(name, None)
+    self.skipped_paths |= self.index.module_paths(module)
     if name in self.skipped and name not in self.provisional:
       return
     self.skipped[name] = layers_lib.Skipped(name, type(module).__name__, reason)
@@ -168,8 +191,12 @@ class _Findings:
     except layers_lib.UnsupportedLayer as e:
       self.skip(name, module, str(e))
 
-  def registry(self) -> layers_lib.LayerRegistry:
-    """The layers found, once the loss has been traced."""
+  def registry(self, flat_params, used) -> layers_lib.LayerRegistry:
+    """The layers found, once the loss has been traced.
+
+    ``flat_params``: the (key path, leaf) pairs of params; ``used``: per
+    leaf, whether the loss reads it (the leaves no layer covers are listed).
+    """
     for name, entry in self.ignored.items():
       if name not in self.found and name not in self.skipped:
         self.skipped[name] = entry
@@ -180,8 +207,10 @@ class _Findings:
           "find_layers: loss_fn calls no flax.linen Dense or Conv (nor Flax NNX "
           "Linear or Conv) layer; "
           "K-FAC has nothing to precondition.")
+    uncovered, registered, plain = coverage_lib.coverage(
+        flat_params, used, self.found.values(), self.skipped_paths, set(self.skipped))
     return layers_lib.LayerRegistry(tuple(self.found.values()), tuple(self.skipped.values()),
-                                    self.shared_inputs())
+                                    self.shared_inputs(), uncovered, registered, plain)
 
   def shared_inputs(self) -> tuple[tuple[str, ...], ...]:
     """Sets of found layers whose every call gets the same input object, with

@@ -87,6 +87,12 @@ def param_value(module: nnx.Module, name: str):
   return attr
 
 
+def own_params(module: nnx.Module) -> list:
+  """(value, marked key path or None) of each ``nnx.Param`` attribute of the module."""
+  return [(attr.get_value(), attr.get_metadata(_PATH_KEY, None))
+          for attr in vars(module).values() if isinstance(attr, nnx.Param)]
+
+
 def marked_path(module: nnx.Module, name: str):
   """The key path in params that ``paths_marked`` gave the Variable ``name``, or None."""
   attr = getattr(module, name, None)

@@ -44,6 +44,19 @@ class _ParamIndex:
   def leaf(self, path):
     return self._by_path[path]
 
+  def module_paths(self, module) -> set:
+    """The key paths in params of the module's own parameters that can be found.
+
+    By identity, or for an NNX Variable by the path it was marked with; a
+    linen module's copies under a lifted transform are not found.
+    """
+    if nnx_capture.is_nnx(module):
+      found = {self.path_of(value) or path for value, path in nnx_capture.own_params(module)}
+    else:
+      own = module.scope.variables().get("params", {}) if module.scope else {}
+      found = {self.path_of(leaf) for leaf in jax.tree_util.tree_leaves(own)}
+    return found - {None}
+
   def _scope_paths(self, module: nn.Module, name: str, prefixes):
     """(path, leaf) at each prefix + the module's scope path + name that exists."""
     if nnx_capture.is_nnx(module):
@@ -134,10 +147,19 @@ def _layer_name(kernel_path) -> str:
   dropped too, so that ``['l1']['kernel'].value`` names layer 'l1', as the
   pure dict ``['l1']['kernel']`` does.
   """
-  path = tuple(kernel_path)
+  return "/".join(_keys(kernel_path)[:-1])
+
+
+def _leaf_name(path) -> str:
+  """A leaf's whole key path joined by '/', e.g. 'Block_0/scale' ('.value' dropped)."""
+  return "/".join(_keys(path))
+
+
+def _keys(path) -> list[str]:
+  path = tuple(path)
   if path and path[-1] == jax.tree_util.GetAttrKey("value"):
     path = path[:-1]
-  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path[:-1])
+  return [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
 
 
 def _module_param(module: nn.Module, name):

@@ -27,10 +27,12 @@ from kaisa_jax._src.layers.conv import Conv
 from kaisa_jax._src.layers.dense import WEIGHT_SHARING, Dense, DenseGeneral, Einsum
 from kaisa_jax._src.layers.embed import Embed
 from kaisa_jax._src.layers.norms import BatchNorm, GroupNorm, LayerNorm, RMSNorm, ScaleAndShift
-from kaisa_jax._src.layers.registry import LAYER_KINDS, LayerRegistry, kind_of, unsupported_reason
+from kaisa_jax._src.layers.registry import (LAYER_KINDS, LayerRegistry, UncoveredParam, kind_of,
+                                            unsupported_reason)
 
 __all__ = [
     "FactorShape", "KeyPath", "Layer", "Skipped", "UnsupportedLayer", "Conv", "WEIGHT_SHARING",
     "Dense", "DenseGeneral", "Einsum", "Embed", "BatchNorm", "GroupNorm", "LayerNorm", "RMSNorm",
-    "ScaleAndShift", "LAYER_KINDS", "LayerRegistry", "kind_of", "unsupported_reason",
+    "ScaleAndShift", "LAYER_KINDS", "LayerRegistry", "UncoveredParam", "kind_of",
+    "unsupported_reason",
 ]

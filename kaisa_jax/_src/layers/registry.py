@@ -3,18 +3,20 @@
 ``LAYER_KINDS`` lists every kind, most specific first; ``kind_of`` picks
 the kind of a module, ``unsupported_reason`` says why a Flax layer that no
 kind handles is skipped, and ``LayerRegistry`` is the static, hashable
-result of ``find_layers``.
+result of ``find_layers``, with the ``UncoveredParam`` leaves no layer
+covers.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Optional
 
 import flax.linen as nn
 from flax import nnx
 
-from kaisa_jax._src.layers.base import Layer, Skipped
+from kaisa_jax._src.layers.base import KeyPath, Layer, Skipped
 from kaisa_jax._src.layers.conv import Conv
 from kaisa_jax._src.layers.dense import Dense, DenseGeneral, Einsum
 from kaisa_jax._src.layers.embed import Embed
@@ -51,6 +53,34 @@ def kind_of(module: nn.Module):
 
 
 @dataclasses.dataclass(frozen=True)
+class UncoveredParam:
+  """A leaf of params that the loss reads but no registered or skipped layer holds.
+
+  Such a leaf (a custom module's own ``self.param`` used with ``jnp.dot``, a
+  hand-written norm's scale, a raw ``nnx.Param``) follows the plain
+  gradient: ``kaisa`` accepts it only with ``allow_plain_gradient=True``.
+
+  Attributes:
+    name: its key path joined by '/', e.g. 'Block_0/w' (an ``nnx.State``'s
+      '.value' dropped).
+    path: its key path in params.
+    shape: its shape, e.g. (64, 32).
+
+  Example:
+    >>> [(u.name, u.shape, u.size) for u in layers.uncovered]
+    [('Block_0/w', (64, 32), 2048)]
+  """
+  name: str
+  path: KeyPath
+  shape: tuple[int, ...]
+
+  @property
+  def size(self) -> int:
+    """Its entries, e.g. 2048 for a (64, 32) kernel."""
+    return math.prod(self.shape)
+
+
+@dataclasses.dataclass(frozen=True)
 class LayerRegistry:
   """Static, hashable registry of the Flax layers a loss function calls.
 
@@ -62,10 +92,20 @@ class LayerRegistry:
       and v projections of one attention block, the branches of a gated
       MLP): their A factor is one, computed, stored and decomposed once
       (``a_source``).
+    uncovered: the leaves of params the loss reads that no registered or
+      skipped layer holds, in params order (see ``UncoveredParam``).
+    registered_entries: the entries of the registered layers' kernels and
+      biases (preconditioned unless named in ``kaisa(skip_layers=...)``).
+    plain_entries: the entries of the other leaves the loss reads, the
+      skipped layers' and the uncovered ones: they follow the plain
+      gradient. Both counts are 0 in a registry not made by ``find_layers``.
   """
   layers: tuple[Layer, ...]
   skipped: tuple[Skipped, ...] = ()
   shared_inputs: tuple[tuple[str, ...], ...] = ()
+  uncovered: tuple[UncoveredParam, ...] = ()
+  registered_entries: int = 0
+  plain_entries: int = 0
 
   def a_source(self, name: str) -> str:
     """The layer whose A statistics layer ``name`` reuses: the first of its
@@ -92,10 +132,13 @@ class LayerRegistry:
     return iter(self.layers)
 
   def table(self) -> str:
+    """One row per layer, skipped layer and uncovered leaf, then the entry counts."""
     rows = [("layer", "kind", "A size", "G size")]
     rows += [(l.name, l.kind, str(l.a_factor_shape), str(l.g_factor_shape))
              for l in self.layers]
     rows += [(s.name, f"skipped: {s.reason}", "-", "-") for s in self.skipped]
+    rows += [(u.name, f"uncovered {u.shape}: plain gradient", "-", "-")
+             for u in self.uncovered]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w)
                        for i, (c, w) in enumerate(zip(r, widths))).rstrip()
@@ -103,7 +146,21 @@ class LayerRegistry:
     lines.insert(1, "  ".join("-" * w for w in widths))
     lines += [f"one A for layers fed the same input: {', '.join(names)}"
               for names in self.shared_inputs]
+    if self.registered_entries or self.plain_entries:
+      lines.append(self._entries_line())
     return "\n".join(lines)
+
+  def _entries_line(self) -> str:
+    """How many parameter entries are preconditioned, how many follow the plain gradient."""
+    total = self.registered_entries + self.plain_entries
+    uncovered = sum(u.size for u in self.uncovered)
+    line = (f"parameters: {self.registered_entries:,} in registered layers "
+            f"({100 * self.registered_entries / total:.1f} %), {self.plain_entries:,} "
+            "follow the plain gradient")
+    if not self.plain_entries:
+      return line
+    return (f"{line} ({self.plain_entries - uncovered:,} in skipped layers, "
+            f"{uncovered:,} uncovered)")
 
   def __str__(self) -> str:
     return self.table()
