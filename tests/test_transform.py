@@ -12,15 +12,19 @@ uninterrupted run) compare the two runs with each other.
 from __future__ import annotations
 
 import ast
+import contextlib
 import re
+import warnings
 
 import flax.linen as nn
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
+from jax.sharding import Mesh, PartitionSpec as P
 
 import kaisa_jax
 from layout import group_of, layer_decompositions, layer_factors
@@ -1022,6 +1026,81 @@ def test_skip_error_lists_every_skipped_layer_with_a_ready_value(given):
   assert {l.name for l in plan.layers} == kept
   grads, updates, _ = jitted_kfac_step(tx, loss)(params, tx.init(params), x, y)
   assert_trees_identical(updates["up"], grads["up"])
+
+
+def _traced_update(layers, axis_name, map_as, devices=2):
+  """Traces (no compile) one kaisa update on ``devices`` devices mapped as ``map_as``.
+
+  map_as: 'pmap' (axis 'batch'), 'legacy_pmap' (jax 0.9's pmap with
+  ``jax_pmap_shmap_merge=False``), 'shard_map' (axis 'data', checked and
+  not), 'vmap' (a named axis 'v', not a device axis) or 'none'.
+  """
+  x, y = mlp_batch(np.random.default_rng(30), batch=devices * 4)
+  x, y = x.reshape(devices, 4, N_IN), y.reshape(devices, 4, N_OUT)
+  tx = kaisa_jax.kaisa(layers, allow_plain_gradient=True, axis_name=axis_name)
+  params = mlp_params(31)
+
+  def step(x, y):
+    grads, captures = _grads_and_captures(params, x, y, mlp_loss)
+    updates = tx.update(grads, tx.init(params), params, captures=captures)[0]
+    return jax.flatten_util.ravel_pytree(updates)[0]  # one per device along the axis
+
+  if map_as in ("pmap", "legacy_pmap"):
+    with _legacy_pmap() if map_as == "legacy_pmap" else contextlib.nullcontext():
+      return jax.make_jaxpr(jax.pmap(step, axis_name="batch"))(x, y)
+  if map_as.startswith("shard_map"):
+    mesh = Mesh(np.array(jax.devices()[:devices]), ("data",))
+    mapped = jax.shard_map(step, mesh=mesh, in_specs=P("data"), out_specs=P("data"),
+                           check_vma=map_as == "shard_map_checked")
+    return jax.make_jaxpr(mapped)(x.reshape(-1, N_IN), y.reshape(-1, N_OUT))
+  if map_as == "vmap":
+    return jax.make_jaxpr(jax.vmap(step, axis_name="v"))(x, y)
+  return jax.make_jaxpr(step)(x[0], y[0])
+
+
+@contextlib.contextmanager
+def _legacy_pmap():
+  """jax 0.9's pmap of its own, not through shard_map (its switch is deprecated)."""
+
+  def switch(merge: bool):
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore", DeprecationWarning)
+      jax.config.update("jax_pmap_shmap_merge", merge)
+
+  switch(False)
+  try:
+    yield
+  finally:
+    switch(True)
+
+
+# The legacy pmap is there only as long as its switch is (jax 0.9).
+LEGACY_PMAP = ["legacy_pmap"] if hasattr(jax.config, "jax_pmap_shmap_merge") else []
+
+
+@pytest.mark.parametrize("map_as, axis", [("pmap", "batch"), ("shard_map_checked", "data"),
+                                          ("shard_map", "data")]
+                         + [(m, "batch") for m in LEGACY_PMAP])
+def test_an_update_without_axis_name_inside_a_device_map_warns(mlp_layers, map_as, axis):
+  with pytest.warns(UserWarning, match="kaisa: no axis_name") as record:
+    _traced_update(mlp_layers, None, map_as)
+  (message,) = [str(w.message) for w in record if "kaisa: no axis_name" in str(w.message)]
+  assert f"over {axis!r}" in message and f"axis_name={axis!r}" in message
+  assert "warnings.filterwarnings('ignore', message='kaisa: no axis_name')" in message
+  # The filter the message gives silences it.
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    warnings.filterwarnings("ignore", message="kaisa: no axis_name")
+    _traced_update(mlp_layers, None, map_as)
+
+
+@pytest.mark.parametrize("map_as, axis_name", [("pmap", "batch"), ("shard_map", "data"),
+                                               ("vmap", None), ("none", None)])
+def test_an_update_with_axis_name_or_outside_a_device_map_does_not_warn(mlp_layers, map_as,
+                                                                       axis_name):
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    _traced_update(mlp_layers, axis_name, map_as)
 
 
 # ---------------------------------------------------------------------------

@@ -11,12 +11,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
+import warnings
 from typing import Any, Callable, Hashable, Mapping, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+try:  # JAX's axis environment, not public: only for jax 0.9's legacy pmap
+  from jax._src import core as _jax_core
+except ImportError:  # pragma: no cover
+  _jax_core = None
 
 from kaisa_jax._src import eigen as eigen_lib
 from kaisa_jax._src import groups as groups_lib
@@ -202,6 +208,45 @@ def check_captures(registry: layers_lib.LayerRegistry, layers, captures):
     raise ValueError(
         f"no captures for registered layers {missing}; the loss given to "
         "kaisa_jax.value_and_grad must call them.")
+
+
+def bound_device_axes() -> tuple:
+  """The names of the device axes bound where this is traced, or ().
+
+  Inside ``jax.shard_map``, and ``jax.pmap`` (which jax 0.9 and later run
+  through shard_map), the public abstract mesh names them as its manual
+  axes. jax 0.9's legacy pmap (``jax_pmap_shmap_merge=False``) binds its
+  axis outside any mesh: there jax's axis environment, not public (and
+  holding vmap's named axes too), is read instead.
+  """
+  axes = tuple(jax.sharding.get_abstract_mesh().manual_axes)
+  if axes or getattr(jax.config, "jax_pmap_shmap_merge", True):
+    return axes
+  axis_names = getattr(_jax_core, "unsafe_get_axis_names", None)
+  return tuple(axis_names()) if axis_names else ()
+
+
+# The start of the warning below, to filter it by: warnings.filterwarnings(
+# 'ignore', message=UNREDUCED_AXES_WARNING).
+UNREDUCED_AXES_WARNING = "kaisa: no axis_name"
+
+
+def warn_if_unreduced(axis_name) -> None:
+  """Warns when ``kaisa`` without ``axis_name`` is traced inside a device map.
+
+  Each device would then precondition with its own gradients and factors,
+  and data-parallel replicas drift apart without an error.
+  """
+  axes = () if axis_name is not None else bound_device_axes()
+  if axes:
+    warnings.warn(
+        f"{UNREDUCED_AXES_WARNING}, but its update is traced inside jax.pmap / "
+        f"jax.shard_map over {', '.join(map(repr, axes))}: each device preconditions with its "
+        "own gradients and factors, so data-parallel replicas drift apart. Pass "
+        f"kaisa(..., axis_name={axes[0]!r}) to average them over the devices. If per-device "
+        "updates are intended (the axis does not split the batch), silence this with "
+        f"warnings.filterwarnings('ignore', message={UNREDUCED_AXES_WARNING!r}).",
+        stacklevel=3)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

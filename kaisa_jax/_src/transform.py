@@ -106,9 +106,12 @@ def kaisa(
     inv_dtype: dtype (or its name) of the decompositions and the
       preconditioning ('float32'; 'float64' needs ``jax_enable_x64``).
     axis_name: the data-parallel axis of ``jax.pmap`` / ``jax.shard_map``
-      (None: one device). Call ``init`` and ``update`` inside the map, with
-      each device's own gradients and captures of a loss that is the mean
-      over its own batch: the transform averages the gradients
+      (None: one device; an update traced inside such a map without it
+      warns, naming the map's axes, since the replicas would drift apart:
+      filter the warning by its message, 'kaisa: no axis_name', when
+      per-device updates are intended). Call ``init`` and ``update`` inside
+      the map, with each device's own gradients and captures of a loss that
+      is the mean over its own batch: the transform averages the gradients
       (Gradient-Reduce) and the factors (Factor-Reduce, G scaled to the
       global-batch loss), so the result is that of one device on the global
       batch for any device count.
@@ -202,6 +205,7 @@ def update(config: config_lib.KaisaConfig, grads, state: state_lib.KaisaState, p
            captures=None, **extra_args):
   """``kaisa``'s update: the preconditioned gradients and the new state."""
   del params, extra_args
+  config_lib.warn_if_unreduced(config.axis_name)
   config_lib.check_params(config.layers, grads, "grads")
   config_lib.check_captures(config.registry, config.layers, captures)
   if config.accumulation_steps == 1:
