@@ -30,6 +30,22 @@ class MLP(nn.Module):
     return nn.Dense(3, name="out")(jnp.tanh(nn.Dense(4, name="hidden")(x)))
 
 
+def _problem(seed):
+  """The MLP on a batch of BATCH: (x, t, params, loss_fn, registry)."""
+  model = MLP()
+  x, t = normal_batch(BATCH, 5, 3, seed=seed)
+  params = random_params(model, jnp.asarray(x), seed=seed + 1)
+  loss_fn = scaled_mse(model, LOSS_SCALE)
+  return x, t, params, loss_fn, kaisa_jax.find_layers(loss_fn, params, x, t)
+
+
+def _one_step(tx, loss_fn, params, x, t):
+  """(updates, state) of tx's first update on the batch."""
+  _, grads, captures = kaisa_jax.value_and_grad(loss_fn)(params, x, t)
+  return jax.jit(lambda g, s, c: tx.update(g, s, params, captures=c))(
+      grads, tx.init(params), captures)
+
+
 def test_strided_and_random_indices():
   np.testing.assert_array_equal(subsample_lib.strided_index(10, 4), [0, 2, 5, 7])
   np.testing.assert_array_equal(subsample_lib.strided_index(6, 6), np.arange(6))
@@ -42,17 +58,11 @@ def test_strided_and_random_indices():
 @pytest.mark.parametrize("size, seed, scaling", [
     (4, None, "loss"), (1 / 3, None, "per_example"), (5, 7, "loss")])
 def test_factors_and_update_against_float64_oracle(size, seed, scaling):
-  model = MLP()
-  x, t = normal_batch(BATCH, 5, 3, seed=1)
-  params = random_params(model, jnp.asarray(x), seed=2)
-  loss_fn = scaled_mse(model, LOSS_SCALE)
-  registry = kaisa_jax.find_layers(loss_fn, params, x, t)
+  x, t, params, loss_fn, registry = _problem(seed=1)
   tx = kaisa_jax.kaisa(registry, damping=DAMPING, factor_decay=DECAY, kl_clip=None,
                        compute_method="inverse", g_factor_scaling=scaling,
                        factor_subsample=size, factor_subsample_seed=seed)
-  _, grads, captures = kaisa_jax.value_and_grad(loss_fn)(params, x, t)
-  updates, state = jax.jit(lambda g, s, c: tx.update(g, s, params, captures=c))(
-      grads, tx.init(params), captures)
+  updates, state = _one_step(tx, loss_fn, params, x, t)
 
   k = size if isinstance(size, int) else round(size * BATCH)
   if seed is None:
@@ -79,16 +89,10 @@ def test_factors_and_update_against_float64_oracle(size, seed, scaling):
 
 
 def test_ekfac_scaling_comes_from_the_subsample():
-  model = MLP()
-  x, t = normal_batch(BATCH, 5, 3, seed=7)
-  params = random_params(model, jnp.asarray(x), seed=8)
-  loss_fn = scaled_mse(model, LOSS_SCALE)
-  registry = kaisa_jax.find_layers(loss_fn, params, x, t)
+  x, t, params, loss_fn, registry = _problem(seed=7)
   tx = kaisa_jax.kaisa(registry, damping=DAMPING, factor_decay=DECAY, kl_clip=None,
                        compute_method="ekfac", factor_subsample=4)
-  _, grads, captures = kaisa_jax.value_and_grad(loss_fn)(params, x, t)
-  _, state = jax.jit(lambda g, s, c: tx.update(g, s, params, captures=c))(
-      grads, tx.init(params), captures)
+  _, state = _one_step(tx, loss_fn, params, x, t)
   chosen = subsample_lib.strided_index(BATCH, 4)
   layers = [(params[n]["kernel"], params[n]["bias"]) for n in ("hidden", "out")]
   _, _, rows = np_chain(layers, x, t, ["tanh"], LOSS_SCALE)
@@ -108,11 +112,7 @@ def test_ekfac_scaling_comes_from_the_subsample():
 
 
 def test_a_random_subsample_is_unbiased():
-  model = MLP()
-  x, t = normal_batch(BATCH, 5, 3, seed=3)
-  params = random_params(model, jnp.asarray(x), seed=4)
-  loss_fn = scaled_mse(model, LOSS_SCALE)
-  registry = kaisa_jax.find_layers(loss_fn, params, x, t)
+  x, t, params, loss_fn, registry = _problem(seed=3)
   layer = registry["hidden"]
   capture = kaisa_jax.value_and_grad(loss_fn)(params, x, t)[2]["hidden"]
 
@@ -174,11 +174,7 @@ def test_a_layer_in_a_scan_subsamples_its_batch_axis():
 
 
 def test_bad_subsample_arguments_are_named():
-  model = MLP()
-  x, t = normal_batch(BATCH, 5, 3)
-  params = random_params(model, jnp.asarray(x))
-  loss_fn = scaled_mse(model, LOSS_SCALE)
-  registry = kaisa_jax.find_layers(loss_fn, params, x, t)
+  x, t, params, loss_fn, registry = _problem(seed=0)
   for size, words in ((0, "at least 1"), (1.5, r"in \(0, 1\]"), ("8", "number of examples"),
                       (True, "number of examples")):
     with pytest.raises(ValueError, match=words):
