@@ -306,8 +306,7 @@ def precondition(d: Decomposition, grad: jax.Array, damping, a_index=None) -> ja
     >>> p = precondition(decompose(f, 1e-3, "eigen", True, jnp.float32), grads, 1e-3)
   """
   if a_index is not None:
-    d = type(d)(*[groups_lib.take_blocks(x, a_index) if field in A_FIELDS and x is not None
-                  else x for field, x in zip(d._fields, d)])
+    d = select_blocks(d, range(grad.shape[0]), a_index)
   grad = grad.astype(jax.tree.leaves(d)[0].dtype)
   if isinstance(d, Inverse):
     out = d.g_inv @ grad

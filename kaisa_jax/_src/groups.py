@@ -119,7 +119,8 @@ class LayerGroup:
 
     Every member's A owner must be among them.
     """
-    keep = [i for i, n in enumerate(self.names) if n in set(names)]
+    wanted = set(names)
+    keep = [i for i, n in enumerate(self.names) if n in wanted]
     owners = tuple(self.a_owners[i] for i in keep) if self.a_owners else ()
     if not set(owners) <= {self.names[i] for i in keep}:
       raise ValueError(f"{self.name}: a subset of members without the A owner of some.")
